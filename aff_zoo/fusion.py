@@ -1,0 +1,243 @@
+"""Attentional feature fusion (Dai et al., WACV 2021) and the baselines it is compared with.
+
+Every fusion module has the same call, ``fusion(x, y) -> z`` for two tensors of one shape,
+so a network picks its fusion by name (``create_fusion``) and an ablation is one flag away.
+Roles follow the paper, not the authors' code: in a residual block ``x`` is the shortcut
+(identity) and ``y`` the learned residual branch; in an FPN ``x`` is the low-level lateral
+feature and ``y`` the upsampled high-level one.
+
+Design decisions, each tested in ``tests/test_fusion.py``:
+
+* **Output scale.** Selection fusions compute ``scale * (w * x + (1 - w) * y)``. The default
+  ``scale=2`` makes a selection with ``w = 0.5`` equal to ``x + y``: at initialisation an
+  AFF block behaves like the residual addition it replaces. The authors' code uses 2 for AFF
+  and (by oversight, their issue #13) 1 for iAFF; here AFF, iAFF, SK-style and local-only all
+  share one ``scale`` argument and one default. iAFF's first (inner) AFF uses the same scale,
+  since its output stands in for ``x + y``. Pass ``scale=1.0`` for the paper's Eq. 4-5.
+* **Batch size 1.** The global branch has no BatchNorm (biases instead, as in SENet): after
+  global pooling a batch of N holds only N values per channel, so BN there fails at N=1 in
+  training (the authors' issues #15/#43/#44) and is noisy for small N. The local branch works
+  at full resolution and keeps its BatchNorms.
+* **No dead parameters.** Convolutions followed by BatchNorm carry no bias (its gradient is
+  zero); iAFF's second MS-CAM has its own local *and* global branch, both used (the existing
+  PyTorch port leaves the second global branch unused).
+"""
+from typing import Dict, Optional, Type
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = [
+    'MSCAM', 'AFF', 'iAFF', 'AddFusion', 'SEFusion', 'SKFusion', 'LocalFusion',
+    'FUSIONS', 'create_fusion', 'bottleneck_width', 'blend', 'fuse_for_inference',
+]
+
+
+def bottleneck_width(channels: int, r: int, min_channels: int = 4) -> int:
+    """Hidden width C/r of the attention bottleneck, never below ``min_channels``."""
+    if channels < 1 or r < 1:
+        raise ValueError(f'channels and r must be positive, got channels={channels}, r={r}')
+    return max(channels // r, min(min_channels, channels))
+
+
+def blend(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scale * (w*x + (1-w)*y)``, written as ``y + w*(x-y)`` to keep one fewer full-size temporary."""
+    out = torch.addcmul(y, w, x - y)
+    if scale != 1.0:
+        out = out * scale
+    return out
+
+
+def _conv1x1(in_chs: int, out_chs: int, bias: bool) -> nn.Conv2d:
+    return nn.Conv2d(in_chs, out_chs, kernel_size=1, bias=bias)
+
+
+class _LocalContext(nn.Sequential):
+    """L(X) = BN(PWConv2(ReLU(BN(PWConv1(X))))) at full resolution (paper Eq. 2)."""
+
+    def __init__(self, channels: int, hidden: int):
+        super().__init__()
+        self.conv1 = _conv1x1(channels, hidden, bias=False)
+        self.bn1 = nn.BatchNorm2d(hidden)
+        self.act = nn.ReLU(inplace=True)
+        self.conv2 = _conv1x1(hidden, channels, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+
+
+class _GlobalContext(nn.Module):
+    """g(X) = PWConv2(ReLU(PWConv1(GAP(X)))) on the pooled vector; biases instead of BN (batch size 1)."""
+
+    def __init__(self, channels: int, hidden: int):
+        super().__init__()
+        self.conv1 = _conv1x1(channels, hidden, bias=True)
+        self.act = nn.ReLU(inplace=True)
+        self.conv2 = _conv1x1(hidden, channels, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.mean((2, 3), keepdim=True)
+        return self.conv2(self.act(self.conv1(x)))
+
+
+class MSCAM(nn.Module):
+    """Multi-scale channel attention: ``M(X) = sigmoid(L(X) + g(X))`` (paper Eq. 3).
+
+    Returns the attention map M(X) of X's shape (N x C x 1 x 1 when only the global branch is used);
+    the paper's refined feature is ``X * MSCAM(X)``.
+    """
+
+    def __init__(
+            self,
+            channels: int,
+            r: int = 4,
+            use_local: bool = True,
+            use_global: bool = True,
+            min_channels: int = 4,
+    ):
+        super().__init__()
+        if not (use_local or use_global):
+            raise ValueError('MSCAM needs at least one of the local and global branches')
+        hidden = bottleneck_width(channels, r, min_channels)
+        self.channels = channels
+        self.local_att = _LocalContext(channels, hidden) if use_local else None
+        self.global_att = _GlobalContext(channels, hidden) if use_global else None
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """``L(X) + g(X)`` before the sigmoid."""
+        if x.dim() != 4 or x.shape[1] != self.channels:
+            raise ValueError(f'MSCAM expects an N x {self.channels} x H x W tensor, got shape {list(x.shape)}')
+        if self.local_att is not None and self.global_att is not None:
+            return self.local_att(x) + self.global_att(x)
+        if self.local_att is not None:
+            return self.local_att(x)
+        assert self.global_att is not None
+        return self.global_att(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.logits(x))
+
+
+class AddFusion(nn.Module):
+    """Plain addition ``x + y``: the residual connection AFF replaces."""
+
+    def __init__(self, channels: int = 0, r: int = 4, scale: float = 2.0):
+        super().__init__()
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return x + y
+
+
+class _Selection(nn.Module):
+    """``scale * (w*x + (1-w)*y)`` with ``w = attention(x + y)``: soft selection between the inputs."""
+
+    def __init__(self, attention: nn.Module, scale: float):
+        super().__init__()
+        self.att = attention
+        self.scale = float(scale)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return blend(x, y, self.att(x + y), self.scale)
+
+
+class AFF(_Selection):
+    """Attentional feature fusion, paper Eq. 4: ``Z = M(X+Y)*X + (1-M(X+Y))*Y`` (times ``scale``)."""
+
+    def __init__(self, channels: int, r: int = 4, scale: float = 2.0):
+        super().__init__(MSCAM(channels, r), scale)
+
+
+class LocalFusion(_Selection):
+    """AFF with a local-only MS-CAM (no global branch): the 'local context only' ablation."""
+
+    def __init__(self, channels: int, r: int = 4, scale: float = 2.0):
+        super().__init__(MSCAM(channels, r, use_global=False), scale)
+
+
+class _TwoWaySoftmax(nn.Module):
+    """SKNet's selection weights: global context -> one logit per input and channel -> softmax over the two."""
+
+    def __init__(self, channels: int, r: int):
+        super().__init__()
+        hidden = bottleneck_width(channels, r)
+        self.channels = channels
+        self.conv1 = _conv1x1(channels, hidden, bias=True)
+        self.act = nn.ReLU(inplace=True)
+        self.conv2 = _conv1x1(hidden, 2 * channels, bias=True)
+
+    def forward(self, s: torch.Tensor) -> torch.Tensor:
+        s = s.mean((2, 3), keepdim=True)
+        logits = self.conv2(self.act(self.conv1(s)))
+        logits = logits.view(logits.shape[0], 2, self.channels, 1, 1)
+        return torch.softmax(logits, dim=1)[:, 0]
+
+
+class SKFusion(_Selection):
+    """SK-style selection: global context only, softmax over the two inputs (Li et al., SKNet, 2019)."""
+
+    def __init__(self, channels: int, r: int = 4, scale: float = 2.0):
+        super().__init__(_TwoWaySoftmax(channels, r), scale)
+
+
+class SEFusion(nn.Module):
+    """SE-style: global channel attention refines the residual, then adds: ``x + y * sigmoid(g(y))``."""
+
+    def __init__(self, channels: int, r: int = 4, scale: float = 2.0):
+        super().__init__()
+        self.att = MSCAM(channels, r, use_local=False)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(x, y, self.att(y))
+
+
+class iAFF(nn.Module):
+    """Iterative AFF, paper Eq. 5: the initial ``X+Y`` is replaced by a first AFF with its own MS-CAM.
+
+    ``xi = s*(M1(X+Y)*X + (1-M1)*Y)``, ``Z = s*(M2(xi)*X + (1-M2(xi))*Y)`` with ``s = scale``.
+    """
+
+    def __init__(self, channels: int, r: int = 4, scale: float = 2.0):
+        super().__init__()
+        self.att1 = MSCAM(channels, r)
+        self.att2 = MSCAM(channels, r)
+        self.scale = float(scale)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        xi = blend(x, y, self.att1(x + y), self.scale)
+        return blend(x, y, self.att2(xi), self.scale)
+
+
+FUSIONS: Dict[str, Type[nn.Module]] = {
+    'add': AddFusion,
+    'se': SEFusion,
+    'sk': SKFusion,
+    'local': LocalFusion,
+    'aff': AFF,
+    'iaff': iAFF,
+}
+
+
+def create_fusion(name: str, channels: int, r: int = 4, scale: float = 2.0) -> nn.Module:
+    """Build a fusion module by name: one of ``FUSIONS`` (add, se, sk, local, aff, iaff)."""
+    if name not in FUSIONS:
+        raise ValueError(f'Unknown fusion {name!r}; choose one of {", ".join(FUSIONS)}')
+    return FUSIONS[name](channels, r=r, scale=scale)
+
+
+def _fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """A 1x1 convolution with ``bn`` (eval statistics) folded into its weight and bias."""
+    return torch.nn.utils.fusion.fuse_conv_bn_eval(conv.eval(), bn.eval())
+
+
+def fuse_for_inference(module: nn.Module) -> nn.Module:
+    """Fold every BatchNorm of every MS-CAM local branch into its 1x1 convolutions, in place.
+
+    For inference only: the folded module computes the same function as the eval-mode original
+    (to float rounding) with two fewer passes over each full-size tensor. Returns ``module``.
+    """
+    for m in module.modules():
+        if isinstance(m, _LocalContext) and isinstance(m.bn1, nn.BatchNorm2d):
+            m.conv1 = _fold_bn(m.conv1, m.bn1)
+            m.bn1 = nn.Identity()
+            m.conv2 = _fold_bn(m.conv2, m.bn2)
+            m.bn2 = nn.Identity()
+    return module

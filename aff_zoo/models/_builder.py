@@ -1,0 +1,63 @@
+"""What every aff_zoo model file shares: default configs derived from the weights registry,
+and one ``build_aff_model`` that turns a bad tag or a missing weight into a clear error."""
+from typing import Any, Callable, Dict, Optional
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg
+
+from ..weights import pretrained_cfg_entries, available_tags
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+
+def imagenet_cfg(**kwargs) -> Dict[str, Any]:
+    return dict(
+        num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875,
+        interpolation='bilinear', mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
+        first_conv='conv1.0', classifier='fc', license='apache-2.0', **kwargs)
+
+
+def cifar_cfg(**kwargs) -> Dict[str, Any]:
+    return dict(
+        num_classes=10, input_size=(3, 32, 32), pool_size=(8, 8), crop_pct=1.0,
+        interpolation='bilinear', mean=CIFAR10_MEAN, std=CIFAR10_STD,
+        first_conv='stem.conv', classifier='fc', license='apache-2.0', **kwargs)
+
+
+def make_default_cfgs(archs, base_cfg: Callable[..., Dict[str, Any]]):
+    """timm ``default_cfgs`` for ``archs``: one ``arch.tag`` entry per registered weight file
+    (see ``aff_zoo.weights``), or one untagged, weightless entry for an architecture without weights."""
+    cfgs = {}
+    for arch in archs:
+        entries = pretrained_cfg_entries(arch)
+        if not entries:
+            cfgs[arch] = base_cfg()
+        for name_tag, overrides in entries:
+            cfgs[name_tag] = dict(base_cfg(), **overrides)
+    return generate_default_cfgs(cfgs)
+
+
+def _has_weights(cfg) -> bool:
+    return any(getattr(cfg, k, None) for k in ('hf_hub_id', 'url', 'file', 'state_dict'))
+
+
+def build_aff_model(model_cls, variant: str, pretrained: bool, feature_cfg: Optional[dict] = None, **kwargs):
+    """``timm.build_model_with_cfg`` plus the checks timm only warns about: unknown tags and missing weights."""
+    pretrained_cfg = kwargs.get('pretrained_cfg')
+    if isinstance(pretrained_cfg, str) and pretrained_cfg:
+        if get_pretrained_cfg(f'{variant}.{pretrained_cfg}') is None:
+            raise ValueError(
+                f'Unknown pretrained tag {pretrained_cfg!r} for {variant}. '
+                f'Tags with weights: {", ".join(available_tags(variant)) or "none yet"}. '
+                f'All weights in the zoo: {", ".join(available_tags()) or "none yet"}.')
+    if pretrained:
+        from timm.models._builder import resolve_pretrained_cfg
+        cfg = resolve_pretrained_cfg(variant, pretrained_cfg, kwargs.get('pretrained_cfg_overlay'))
+        if not _has_weights(cfg):
+            raise RuntimeError(
+                f'No trained weights exist for {variant} (yet). '
+                f'Tags with weights: {", ".join(available_tags()) or "none yet"}. '
+                f'Use pretrained=False, pick one of those tags, or pass '
+                f'pretrained_cfg_overlay=dict(file="/path/to/model.safetensors").')
+    return build_model_with_cfg(model_cls, variant, pretrained, feature_cfg=feature_cfg, **kwargs)
