@@ -1,0 +1,114 @@
+"""Evaluate a classifier on a dataset split: top-1/top-5, per-class accuracy, confusion matrix, throughput.
+
+Weights come from a training checkpoint (``checkpoint.pt``, loaded with ``weights_only=True``), a
+``model.safetensors`` file, or the model's published weights (``--pretrained``).
+"""
+import json
+import os
+import sys
+import time
+from typing import Any, Dict, Optional
+
+import torch
+import torch.nn as nn
+
+from .data import BatchLoader, DataError, ImageArrays, load_images, split_train_val
+from .train import atomic_write_text, evaluate_loader
+
+__all__ = ['evaluate', 'load_model', 'register_cli']
+
+
+def evaluate(model: nn.Module, ds: ImageArrays, batch_size: int = 500, device: Optional[torch.device] = None,
+             channels_last: bool = True, amp: bool = False) -> Dict[str, Any]:
+    """Accuracy figures and images/s of ``model`` on ``ds`` (normalised with the model's pretrained_cfg)."""
+    device = device or torch.device('cpu')
+    cfg = model.pretrained_cfg
+    num_classes = len(ds.classes)
+    model = model.to(device).eval()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    loader = BatchLoader(ds, batch_size, shuffle=False)
+    t0 = time.perf_counter()
+    ev = evaluate_loader(model, loader, device, cfg['mean'], cfg['std'], channels_last, num_classes, amp)
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - t0
+    conf = ev['confusion'].cpu()
+    count = int(conf.sum())
+    per_class = (conf.diag().double() / conf.sum(1).clamp(min=1).double() * 100).tolist()
+    return dict(
+        top1=round(100. * int(ev['top1']) / count, 3), top5=round(100. * int(ev['top5']) / count, 3),
+        loss=round(float(ev['loss_sum']) / count, 5), images=count,
+        per_class={c: round(a, 2) for c, a in zip(ds.classes, per_class)},
+        confusion=conf.tolist(), classes=list(ds.classes),
+        seconds=round(seconds, 3), images_per_s=round(count / seconds, 1), batch_size=batch_size,
+        device=str(device), dataset_sha256=ds.sha256,
+    )
+
+
+def load_model(name: str, checkpoint: Optional[str] = None, pretrained: bool = False, num_classes: int = 10):
+    """A timm model with weights from a checkpoint/safetensors file or its published weights."""
+    import timm
+    import aff_zoo  # noqa: F401
+    if checkpoint and checkpoint.endswith('.safetensors'):
+        return timm.create_model(name, pretrained=True, num_classes=num_classes,
+                                 pretrained_cfg_overlay=dict(file=os.path.abspath(checkpoint)))
+    model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes)
+    if checkpoint:
+        state = torch.load(checkpoint, map_location='cpu', weights_only=True)
+        if isinstance(state, dict) and 'model' in state:  # a training checkpoint: the EMA weights if it has them
+            ema = state.get('ema')
+            state = {k[len('module.'):]: v for k, v in ema.items()} if ema else state['model']
+        model.load_state_dict(state)
+    return model
+
+
+def _cmd_evaluate(args) -> int:
+    if not args.checkpoint and not args.pretrained:
+        print('error: pass --checkpoint FILE (checkpoint.pt or model.safetensors) or --pretrained', file=sys.stderr)
+        return 2
+    try:
+        data = load_images(args.data, split=args.split, num_classes=args.num_classes)
+    except DataError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    ds = data
+    if args.split == 'train' and args.val_per_class:
+        train_ds, val_ds = split_train_val(data, args.val_per_class)
+        ds = val_ds if args.subset == 'val' else train_ds
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    model = load_model(args.model, args.checkpoint, args.pretrained, num_classes=len(data.classes))
+    res = evaluate(model, ds, args.batch_size, device, amp=args.amp)
+    res.update(model=args.model, checkpoint=args.checkpoint, pretrained=args.pretrained,
+               split=f'{args.split}' + (f' ({args.subset}: last {args.val_per_class}/class)'
+                                        if args.split == 'train' and args.val_per_class else ''))
+    summary = {k: res[k] for k in ('model', 'split', 'top1', 'top5', 'images', 'images_per_s', 'device')}
+    print(json.dumps(summary))
+    if not args.quiet:
+        print('per-class top-1: ' + ', '.join(f'{c} {a:.1f}' for c, a in res['per_class'].items()))
+    if args.output:
+        atomic_write_text(args.output, json.dumps(res, indent=1))
+    return 0
+
+
+def register_cli(subparsers):
+    p = subparsers.add_parser('evaluate', help='accuracy, per-class accuracy, confusion matrix and throughput',
+                              description=__doc__.splitlines()[0])
+    p.add_argument('--model', required=True, help='registered model name, e.g. aff_resnet20')
+    p.add_argument('--data', required=True, help='ImageFolder dir or archive (as for train)')
+    p.add_argument('--checkpoint', help='checkpoint.pt (full training state) or model.safetensors')
+    p.add_argument('--pretrained', action='store_true', help="use the model's published weights")
+    p.add_argument('--split', default='train', help="split folder in the data (default 'train')")
+    p.add_argument('--subset', default='val', choices=('val', 'train'),
+                   help='with --split train: the held-out val part (default) or the rest')
+    p.add_argument('--val-per-class', type=int, default=500, help='as in train; 0 = use the whole split')
+    p.add_argument('--num-classes', type=int, default=None, help='expected class count')
+    p.add_argument('--batch-size', type=int, default=500)
+    p.add_argument('--device', default=None)
+    p.add_argument('--threads', type=int, default=0, help='CPU threads (0 = torch default)')
+    p.add_argument('--amp', action='store_true', help='mixed precision (CUDA)')
+    p.add_argument('--output', help='write the full result (with confusion matrix) as JSON here')
+    p.add_argument('--quiet', action='store_true')
+    p.set_defaults(func=_cmd_evaluate)
+    return p
