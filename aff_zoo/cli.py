@@ -6,7 +6,7 @@ import sys
 from typing import List, Optional
 
 # Modules that define ``register_cli(subparsers)``; each adds its own subcommand(s).
-_COMMAND_MODULES: List[str] = ['aff_zoo.train', 'aff_zoo.evaluate']
+_COMMAND_MODULES: List[str] = ['aff_zoo.train', 'aff_zoo.evaluate', 'aff_zoo.report']
 
 
 def _cmd_list(args) -> int:

@@ -1,0 +1,117 @@
+"""README tables from run directories (their metrics.json), so every figure shown comes from a log.
+
+``aff-zoo runs-table --kind ablation RUN_DIR...`` groups runs by model (seeds pooled) and prints
+val top-1 mean ± sample std over seeds, params and training images/s; ``--kind checkpoints`` prints one
+row per run. ``--readme README.md`` replaces the text between ``<!-- {kind}-table:start -->`` and
+``<!-- {kind}-table:end -->`` instead of printing.
+"""
+import glob
+import json
+import os
+import statistics
+import sys
+from typing import Dict, List, Sequence
+
+__all__ = ['load_runs', 'ablation_table', 'checkpoint_table', 'register_cli']
+
+
+def load_runs(paths: Sequence[str]) -> List[Dict]:
+    """metrics.json of each run directory (globs allowed); unfinished runs (no metrics.json) are skipped."""
+    runs = []
+    for pattern in paths:
+        for d in sorted(glob.glob(pattern)) or [pattern]:
+            f = os.path.join(d, 'metrics.json')
+            if os.path.isfile(f):
+                with open(f) as fh:
+                    m = json.load(fh)
+                m['run_dir'] = d
+                runs.append(m)
+    return runs
+
+
+def _recipe_key(m: Dict) -> str:
+    c = dict(m['config'])
+    for k in ('seed', 'command', 'progress', 'log_interval', 'eval_batch_size'):
+        c.pop(k, None)
+    return json.dumps([c, m.get('train_images')], sort_keys=True)
+
+
+def ablation_table(runs: List[Dict]) -> str:
+    """One row per model; refuses runs whose recipes differ (apart from the seed), so the table is fair."""
+    if not runs:
+        raise ValueError('No finished runs (metrics.json) found.')
+    recipes = {_recipe_key(m) for m in runs}
+    if len(recipes) > 1:
+        raise ValueError('The runs do not share one recipe (apart from the seed); an ablation table would '
+                         'compare unlike things. Pass only same-recipe run directories.')
+    by_model: Dict[str, List[Dict]] = {}
+    for m in runs:
+        by_model.setdefault(m['model'], []).append(m)
+    lines = ['| model | fusion | val top-1 (%) mean ± std | seeds (top-1 each) | val top-5 (%) | params | '
+             'train images/s |', '|---|---|---|---|---|---|---|']
+    rows = []
+    for model, ms in by_model.items():
+        top1 = [m['val_top1'] for m in ms]
+        mean = statistics.mean(top1)
+        spread = f' ± {statistics.stdev(top1):.2f}' if len(top1) > 1 else ''
+        seeds = ', '.join(f'{m["config"]["seed"]}: {m["val_top1"]:.2f}' for m in sorted(ms, key=lambda m: m['config']['seed']))
+        rows.append((mean, f'| `{model}` | {model.split("_")[0]} | {mean:.2f}{spread} | {seeds} | '
+                           f'{statistics.mean(m["val_top5"] for m in ms):.2f} | {ms[0]["params"]:,} | '
+                           f'{statistics.mean(m["train_images_per_s"] for m in ms):.0f} |'))
+    lines += [r for _, r in sorted(rows, key=lambda r: -r[0])]
+    m = runs[0]
+    c = m['config']
+    lines.append('')
+    lines.append(f'Recipe (all rows): {c["epochs"]} epochs over {m["train_images"]:,} training images, batch '
+                 f'{c["batch_size"]}, {c["opt"]} lr {c["lr"]} (cosine, {c["warmup_epochs"]} warmup epochs), '
+                 f'weight decay {c["weight_decay"]}; validated on {m["val_images"]:,} images '
+                 f'({m["val_split"]}); dataset sha256 {m["dataset_sha256"][:12]}…; git {m["git_commit"][:12]}.')
+    return '\n'.join(lines)
+
+
+def checkpoint_table(runs: List[Dict]) -> str:
+    lines = ['| model | val top-1 (%) | val top-5 (%) | best epoch / epochs | train images | params | '
+             'train hours | train images/s | run dir |', '|---|---|---|---|---|---|---|---|---|']
+    for m in sorted(runs, key=lambda m: m['model']):
+        lines.append(
+            f'| `{m["model"]}` | {m["val_top1"]:.2f} | {m["val_top5"]:.2f} | {m["best_epoch"]} / {m["epochs"]} | '
+            f'{m["train_images"]:,} | {m["params"]:,} | {m["total_train_seconds"] / 3600:.2f} | '
+            f'{m["train_images_per_s"]:.0f} | `{os.path.basename(m["run_dir"].rstrip("/"))}` |')
+    return '\n'.join(lines)
+
+
+def replace_between_markers(text: str, kind: str, table: str) -> str:
+    start, end = f'<!-- {kind}-table:start -->', f'<!-- {kind}-table:end -->'
+    if start not in text or end not in text:
+        raise ValueError(f'README lacks the markers {start} ... {end}; add them where the table goes.')
+    a, b = text.index(start) + len(start), text.index(end)
+    return text[:a] + '\n' + table + '\n' + text[b:]
+
+
+def _cmd_runs_table(args) -> int:
+    runs = load_runs(args.runs)
+    try:
+        table = ablation_table(runs) if args.kind == 'ablation' else checkpoint_table(runs)
+        if args.readme:
+            with open(args.readme) as f:
+                text = f.read()
+            new = replace_between_markers(text, args.kind, table)
+            with open(args.readme + '.tmp', 'w') as f:
+                f.write(new)
+            os.replace(args.readme + '.tmp', args.readme)
+        else:
+            print(table)
+    except ValueError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    return 0
+
+
+def register_cli(subparsers):
+    p = subparsers.add_parser('runs-table', help='markdown table (ablation or checkpoints) from run directories',
+                              description=__doc__.splitlines()[0])
+    p.add_argument('runs', nargs='+', help='run directories holding metrics.json (globs allowed)')
+    p.add_argument('--kind', choices=('ablation', 'checkpoints'), default='ablation')
+    p.add_argument('--readme', help='replace the table between this file\'s <!-- KIND-table:start/end --> markers')
+    p.set_defaults(func=_cmd_runs_table)
+    return p
