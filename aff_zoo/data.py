@@ -21,12 +21,13 @@ import io
 import os
 import pickle
 import tarfile
-import tempfile
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+
+from ._atomic import atomic_write
 
 __all__ = [
     'DataError', 'ImageArrays', 'load_images', 'split_train_val', 'cache_dir', 'file_sha256',
@@ -99,7 +100,7 @@ def _group_imagefolder(names: Sequence[str], split: str, source: str) -> Dict[st
         raise DataError(
             f'No images ({", ".join(IMG_EXTENSIONS)}) found in {source}. Expected an ImageFolder layout '
             '<root>/<class>/<image> or <root>/<split>/<class>/<image>, or the CIFAR-10 python archive.')
-    parts = [n.strip('/').split('/') for n in images]
+    parts = [[q for q in n.split('/') if q not in ('', '.')] for n in images]
     # Pick the split directory if the layout has one (train/<class>/x.jpg), else classes at the top.
     with_split = [p for p in parts if len(p) >= 3 and p[-3] == split]
     if with_split:
@@ -176,28 +177,30 @@ def _stack(decoded: List[np.ndarray], names: List[str], source: str) -> np.ndarr
     return np.stack(decoded)
 
 
-def _decode_source(path: str, split: str, progress: bool):
+def _list_dir(path: str, split: str):
+    """ImageFolder directory -> ([(relative name, full path)] in class/name order, classes)."""
+    files = []
+    for dirpath, _, fnames in os.walk(path):
+        for f in fnames:
+            full = os.path.join(dirpath, f)
+            files.append((os.path.relpath(full, path).replace(os.sep, '/'), full))
+    groups = _group_imagefolder([r for r, _ in files], split, path)
+    full_of = dict(files)
+    return [(r, full_of[r]) for c in groups for r in groups[c]], list(groups)
+
+
+def _decode_source(path: str, split: str, progress: bool, sha: str, listing=None):
     """Decode ``path`` fully: returns images, labels, names, classes, sha256."""
     from tqdm import tqdm
     if os.path.isdir(path):
-        files = []
-        for dirpath, _, fnames in os.walk(path):
-            for f in fnames:
-                full = os.path.join(dirpath, f)
-                files.append((os.path.relpath(full, path).replace(os.sep, '/'), full))
-        groups = _group_imagefolder([r for r, _ in files], split, path)
-        full_of = dict(files)
-        ordered = [(r, full_of[r]) for c in groups for r in groups[c]]
-        sha = _dir_sha256(ordered)
+        ordered, classes = listing
         decoded = []
         for rel, full in tqdm(ordered, desc=f'decoding {os.path.basename(path)}', disable=not progress):
             with open(full, 'rb') as f:
                 decoded.append(_decode(f.read(), rel))
-        classes = list(groups)
         labels = np.asarray([classes.index(r.split('/')[-2]) for r, _ in ordered], dtype=np.int64)
         names = ['/'.join(r.split('/')[-2:]) for r, _ in ordered]
         return _stack(decoded, names, path), labels, names, classes, sha
-    sha = file_sha256(path)
     try:
         tar = tarfile.open(path, 'r:*')
     except (tarfile.TarError, EOFError, OSError) as e:
@@ -233,15 +236,11 @@ def zlib_error():
 
 def _atomic_save_npz(path: str, **arrays):
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'wb') as f:
+
+    def write(tmp):
+        with open(tmp, 'wb') as f:
             np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, write)
 
 
 def load_images(
@@ -257,28 +256,27 @@ def load_images(
         raise DataError(f'Dataset path {path} does not exist. Pass an ImageFolder directory, an ImageFolder '
                         '.tar/.tar.gz archive, or the CIFAR-10 python archive (cifar-10-python.tar.gz).')
     cache = cache or cache_dir()
-    key = None
-    if os.path.isfile(path):
+    listing = None
+    if os.path.isdir(path):  # keyed by content: names and bytes of every image of the split
+        listing = _list_dir(path, split)
+        key = _dir_sha256(listing[0])
+    else:
         key = file_sha256(path)
-        cache_file = os.path.join(cache, f'{key}.{split}.v{_CACHE_VERSION}.npz')
-        if os.path.exists(cache_file):
-            try:
-                with np.load(cache_file, allow_pickle=False) as z:
-                    arrays = ImageArrays(
-                        z['images'], z['labels'].astype(np.int64), [str(s) for s in z['names']],
-                        [str(s) for s in z['classes']], key, path)
-            except Exception:  # a damaged cache is rebuilt, never trusted
-                os.remove(cache_file)
-                arrays = None
-            if arrays is not None:
-                return _check_classes(arrays, num_classes)
-    images, labels, names, classes, sha = _decode_source(path, split, progress)
-    arrays = ImageArrays(images, labels, names, classes, sha, path)
-    if key is not None:  # directories are hashed by content but not cached (they may change under us)
-        _atomic_save_npz(
-            os.path.join(cache, f'{key}.{split}.v{_CACHE_VERSION}.npz'),
-            images=images, labels=labels.astype(np.int16), names=np.asarray(names), classes=np.asarray(classes))
-    return _check_classes(arrays, num_classes)
+    cache_file = os.path.join(cache, f'{key}.{split}.v{_CACHE_VERSION}.npz')
+    if os.path.exists(cache_file):
+        try:
+            with np.load(cache_file, allow_pickle=False) as z:
+                arrays = ImageArrays(
+                    z['images'], z['labels'].astype(np.int64), [str(s) for s in z['names']],
+                    [str(s) for s in z['classes']], key, path)
+        except (OSError, ValueError, KeyError, EOFError):  # a damaged cache file is rebuilt, never trusted
+            os.remove(cache_file)
+        else:
+            return _check_classes(arrays, num_classes)
+    images, labels, names, classes, sha = _decode_source(path, split, progress, key, listing)
+    _atomic_save_npz(cache_file, images=images, labels=labels.astype(np.int16), names=np.asarray(names),
+                     classes=np.asarray(classes))
+    return _check_classes(ImageArrays(images, labels, names, classes, sha, path), num_classes)
 
 
 def _check_classes(arrays: ImageArrays, num_classes: Optional[int]) -> ImageArrays:

@@ -25,13 +25,14 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ._atomic import atomic_write
 from .data import BatchLoader, ImageArrays, gpu_augment, normalize
 
 __all__ = ['TrainConfig', 'train', 'CosineWarmup', 'register_cli']
@@ -156,21 +157,6 @@ def set_rng_state(state: Dict[str, Any]):
     random.setstate(state['python'])
     if 'cuda' in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state['cuda'])
-
-
-def atomic_write(path: str, write: Callable[[str], None]):
-    """``write(tmp)`` then rename over ``path``: readers see the old file or the new one, never half of one.
-
-    The temporary name is fixed (``<path>.tmp``), so one left by a killed run is overwritten by the next.
-    """
-    tmp = path + '.tmp'
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def atomic_torch_save(obj: Any, path: str):

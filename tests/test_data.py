@@ -33,15 +33,23 @@ def test_imagefolder_dir_and_archive_agree(tmp_path, cache):
     arc = _tar(root, tmp_path / 'd.tar.gz')
     b = D.load_images(arc, progress=False)
     assert np.array_equal(a.images, b.images) and a.names == b.names and b.sha256 == D.file_sha256(arc)
-    assert len(list(cache.iterdir())) == 1  # archive decoded into the cache once
+    assert len(list(cache.glob('*.npz'))) == 2  # directory and archive each decoded into the cache once
 
 
-def test_cache_is_reused(tmp_path, cache, monkeypatch):
+def test_cache_is_reused_and_damaged_cache_rebuilt(tmp_path, cache, monkeypatch):
     arc = _tar(make_imagefolder(tmp_path / 'imgs', per_class=4), tmp_path / 'd.tar.gz')
     first = D.load_images(arc, progress=False)
+    decode = D._decode_source
     monkeypatch.setattr(D, '_decode_source', lambda *a, **k: pytest.fail('decoded twice'))
     second = D.load_images(arc, progress=False)
     assert np.array_equal(first.images, second.images) and first.names == second.names
+    with pytest.raises(D.DataError, match='classes'):  # a wrong class count does not drop the cache
+        D.load_images(arc, num_classes=5, progress=False)
+    (cached,) = cache.glob('*.npz')
+    cached.write_bytes(b'garbage')
+    monkeypatch.setattr(D, '_decode_source', decode)
+    third = D.load_images(arc, progress=False)
+    assert np.array_equal(first.images, third.images)
 
 
 def test_fixed_val_split_is_last_by_name(tmp_path, cache):
