@@ -40,3 +40,14 @@ def test_mixed_recipes_and_missing_markers_are_refused(tmp_path):
         ablation_table(load_runs([str(tmp_path / '*')]))
     with pytest.raises(ValueError, match='markers'):
         replace_between_markers('no markers', 'ablation', 'table')
+
+
+def test_benchmark_column(tmp_path):
+    runs = tmp_path / 'runs'
+    runs.mkdir()
+    _run(runs, 'add_resnet8', 0, 70.0)
+    _run(runs, 'aff_resnet8', 0, 71.0)
+    bench = dict(meta=dict(command='python scripts/benchmark_train_step.py add_resnet8', batch_size=128,
+                           device='cpu', threads=2), models=dict(add_resnet8=dict(images_per_s=1234.4)))
+    table = ablation_table(load_runs([str(runs / '*')]), bench)
+    assert '| 1234 |' in table and '| – |' in table and 'benchmark_train_step.py add_resnet8' in table

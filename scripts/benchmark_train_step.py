@@ -1,0 +1,79 @@
+#!/usr/bin/env python
+"""Training-step throughput (images/s) of several models, measured round-robin so that the load of a
+shared machine drifts over all models alike; prints and writes the median per model as JSON.
+
+    python scripts/benchmark_train_step.py add_resnet8 aff_resnet8 --rounds 5 --steps 5 --output bench.json
+
+One step = augmentation + normalisation + forward + backward + SGD update on a batch of uint8 32x32
+images, channels_last, fp32 on CPU (AMP on CUDA), exactly as `aff-zoo train` does it.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import timm  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import aff_zoo  # noqa: E402,F401
+from aff_zoo.data import gpu_augment, normalize  # noqa: E402
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('models', nargs='+')
+    p.add_argument('--batch-size', type=int, default=128)
+    p.add_argument('--rounds', type=int, default=5)
+    p.add_argument('--steps', type=int, default=5, help='timed steps per model per round')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--output')
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (args.batch_size, 3, 32, 32), dtype=torch.uint8, device=device)
+    y = torch.randint(0, 10, (args.batch_size,), device=device)
+    state = {}
+    for name in args.models:
+        m = timm.create_model(name).to(device).to(memory_format=torch.channels_last).train()
+        state[name] = (m, torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, nesterov=True))
+
+    def step(name):
+        m, opt = state[name]
+        xx = normalize(gpu_augment(x, gen), m.pretrained_cfg['mean'], m.pretrained_cfg['std'], True)
+        with torch.autocast(device.type, enabled=device.type == 'cuda'):
+            loss = F.cross_entropy(m(xx).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for name in args.models:  # warm-up
+        step(name)
+    rates = {n: [] for n in args.models}
+    for _ in range(args.rounds):
+        for name in args.models:
+            if device.type == 'cuda':
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            for _ in range(args.steps):
+                step(name)
+            if device.type == 'cuda':
+                torch.cuda.synchronize()
+            rates[name].append(args.batch_size * args.steps / (time.perf_counter() - t))
+    out = {n: dict(images_per_s=round(statistics.median(r), 1), rounds=[round(v, 1) for v in r],
+                   params=sum(p.numel() for p in state[n][0].parameters())) for n, r in rates.items()}
+    meta = dict(device=str(device), threads=torch.get_num_threads(), batch_size=args.batch_size,
+                command='python scripts/benchmark_train_step.py ' + ' '.join(argv or sys.argv[1:]))
+    for n, r in out.items():
+        print(f'{n:24s} {r["images_per_s"]:8.1f} img/s  (rounds: {r["rounds"]})')
+    if args.output:
+        with open(args.output + '.tmp', 'w') as f:
+            json.dump(dict(meta=meta, models=out), f, indent=1)
+        os.replace(args.output + '.tmp', args.output)
+
+
+if __name__ == '__main__':
+    main()
