@@ -76,6 +76,10 @@ def ablation_table(runs: List[Dict], throughput: Optional[Dict] = None) -> str:
                  f'{c["batch_size"]}, {c["opt"]} lr {c["lr"]} (cosine, {c["warmup_epochs"]} warmup epochs), '
                  f'weight decay {c["weight_decay"]}; validated on {m["val_images"]:,} images '
                  f'({m["val_split"]}); dataset sha256 {m["dataset_sha256"][:12]}…; git {m["git_commit"][:12]}.')
+    if bench:
+        t = throughput['meta']
+        lines.append(f'\nTrain-step benchmark: `{t["command"]}` (median of round-robin rounds, batch '
+                     f'{t["batch_size"]}, {t["device"]}, {t["threads"]} threads).')
     return '\n'.join(lines)
 
 
@@ -106,10 +110,6 @@ def _cmd_runs_table(args) -> int:
             with open(args.throughput) as f:
                 throughput = json.load(f)
         table = ablation_table(runs, throughput) if args.kind == 'ablation' else checkpoint_table(runs)
-        if throughput:
-            t = throughput['meta']
-            table += (f'\n\nTrain-step benchmark: `{t["command"]}` (median of round-robin rounds, batch '
-                      f'{t["batch_size"]}, {t["device"]}, {t["threads"]} threads).')
         if args.readme:
             with open(args.readme) as f:
                 text = f.read()
