@@ -68,15 +68,16 @@ def test_resume_after_kill_is_exact(folder, tmp_path):
     assert not [f for f in os.listdir(killed) if f.endswith('.tmp')]
 
 
-def _ddp_worker(rank, world, port, folder, out_root, cache):
+def _ddp_worker(rank, world, init_file, folder, out_root, cache):
     import timm
     import torch.distributed as dist
     import aff_zoo  # noqa: F401
     from aff_zoo.data import load_images, split_train_val
     from aff_zoo.train import TrainConfig, train
-    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), AFF_ZOO_CACHE=cache)
+    os.environ['AFF_ZOO_CACHE'] = cache
     torch.set_num_threads(1)
-    dist.init_process_group('gloo', rank=rank, world_size=world)
+    # file rendezvous: no TCP port to race for on a shared machine
+    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world)
     try:
         train_ds, val_ds = split_train_val(load_images(folder, progress=False), 4)
         torch.manual_seed(0)
@@ -90,12 +91,9 @@ def _ddp_worker(rank, world, port, folder, out_root, cache):
 
 
 def test_ddp_two_processes_gloo(folder, tmp_path):
-    import socket
     import torch.multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, folder, str(tmp_path), str(tmp_path / 'cache')), nprocs=2)
+    init_file = tmp_path / 'rendezvous'
+    mp.spawn(_ddp_worker, args=(2, str(init_file), folder, str(tmp_path), str(tmp_path / 'cache')), nprocs=2)
     r0 = torch.load(tmp_path / 'result0.pt', weights_only=True)
     r1 = torch.load(tmp_path / 'result1.pt', weights_only=True)
     assert torch.equal(r0['params'], r1['params']), 'DDP ranks ended with different weights'
