@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data/cifar10-train-jpeg.tar.gz}
 OUT=${OUT:-runs/ablation}
 PY=${PY:-python}
-for run in add:0 aff:0 iaff:0 se:0 sk:0 local:0 add:1 aff:1; do
+for run in add:0 aff:0 iaff:0 add:1 se:0 local:0 sk:0 aff:1; do
   f=${run%%:*}; s=${run##*:}
   out=$OUT/${f}_resnet8-s$s
   [ -f "$out/metrics.json" ] && continue
