@@ -56,7 +56,7 @@ def ablation_table(runs: List[Dict], throughput: Optional[Dict] = None) -> str:
         by_model.setdefault(m['model'], []).append(m)
     bench = (throughput or {}).get('models', {})
     lines = ['| model | fusion | val top-1 (%) mean ± std | seeds (top-1 each) | val top-5 (%) | params | '
-             'train images/s (fastest epoch) |' + (' train-step images per CPU-second (benchmark) |' if bench else ''),
+             'train images/s (fastest epoch, shared machine: mostly load) |' + (' train-step images per CPU-second (benchmark) |' if bench else ''),
              '|---|---|---|---|---|---|---|' + ('---|' if bench else '')]
     rows = []
     for model, ms in by_model.items():
@@ -75,7 +75,8 @@ def ablation_table(runs: List[Dict], throughput: Optional[Dict] = None) -> str:
     lines.append(f'Recipe (all rows): {c["epochs"]} epochs over {m["train_images"]:,} training images, batch '
                  f'{c["batch_size"]}, {c["opt"]} lr {c["lr"]} (cosine, {c["warmup_epochs"]} warmup epochs), '
                  f'weight decay {c["weight_decay"]}; validated on {m["val_images"]:,} images '
-                 f'({m["val_split"]}); dataset sha256 {m["dataset_sha256"][:12]}…; git {m["git_commit"][:12]}.')
+                 f'({m["val_split"]}); dataset sha256 {m["dataset_sha256"][:12]}…; '
+                 f'git {", ".join(sorted({r["git_commit"][:7] for r in runs}))} (per run in metrics.json).')
     if bench:
         t = throughput['meta']
         lines.append(f'\nTrain-step benchmark: `{t["command"]}` (images per CPU-second of the benchmark process, median of round-robin rounds, batch '
