@@ -56,7 +56,7 @@ def ablation_table(runs: List[Dict], throughput: Optional[Dict] = None) -> str:
         by_model.setdefault(m['model'], []).append(m)
     bench = (throughput or {}).get('models', {})
     lines = ['| model | fusion | val top-1 (%) mean ± std | seeds (top-1 each) | val top-5 (%) | params | '
-             'train images/s (fastest epoch, shared machine: mostly load) |' + (' train-step images per CPU-second (benchmark) |' if bench else ''),
+             'train images/s (fastest epoch, shared machine: mostly load) |' + (' train-step images/s (benchmark) |' if bench else ''),
              '|---|---|---|---|---|---|---|' + ('---|' if bench else '')]
     rows = []
     for model, ms in by_model.items():
@@ -67,7 +67,7 @@ def ablation_table(runs: List[Dict], throughput: Optional[Dict] = None) -> str:
         rows.append((mean, f'| `{model}` | {model.split("_")[0]} | {mean:.2f}{spread} | {seeds} | '
                            f'{statistics.mean(m["val_top5"] for m in ms):.2f} | {ms[0]["params"]:,} | '
                            f'{max(m.get("train_images_per_s_max", m["train_images_per_s"]) for m in ms):.0f} |'
-                           + (f' {bench[model]["images_per_cpu_s"]:.0f} |' if model in bench else (' – |' if bench else ''))))
+                           + (f' {bench[model]["images_per_s"]:.0f} |' if model in bench else (' – |' if bench else ''))))
     lines += [r for _, r in sorted(rows, key=lambda r: -r[0])]
     m = runs[0]
     c = m['config']
@@ -79,7 +79,7 @@ def ablation_table(runs: List[Dict], throughput: Optional[Dict] = None) -> str:
                  f'git {", ".join(sorted({r["git_commit"][:7] for r in runs}))} (per run in metrics.json).')
     if bench:
         t = throughput['meta']
-        lines.append(f'\nTrain-step benchmark: `{t["command"]}` (images per CPU-second of the benchmark process, median of round-robin rounds, batch '
+        lines.append(f'\nTrain-step benchmark: `{t["command"]}` (median of round-robin rounds, batch '
                      f'{t["batch_size"]}, {t["device"]}, {t["threads"]} threads).')
     return '\n'.join(lines)
 

@@ -48,6 +48,6 @@ def test_benchmark_column(tmp_path):
     _run(runs, 'add_resnet8', 0, 70.0)
     _run(runs, 'aff_resnet8', 0, 71.0)
     bench = dict(meta=dict(command='python scripts/benchmark_train_step.py add_resnet8', batch_size=128,
-                           device='cpu', threads=2), models=dict(add_resnet8=dict(images_per_s=99.0, images_per_cpu_s=1234.4)))
+                           device='cpu', threads=2), models=dict(add_resnet8=dict(images_per_s=1234.4, images_per_cpu_s=99.0)))
     table = ablation_table(load_runs([str(runs / '*')]), bench)
     assert '| 1234 |' in table and '| – |' in table and 'benchmark_train_step.py add_resnet8' in table
