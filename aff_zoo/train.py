@@ -289,6 +289,7 @@ def train(
     in DistributedDataParallel and only rank 0 writes ``out_dir``.
     """
     world, rank = _dist_info()
+    commit = git_commit()  # the code this run started with
     if device is None:
         device = torch.device(f'cuda:{int(os.environ.get("LOCAL_RANK", 0))}' if torch.cuda.is_available() else 'cpu')
     if rank == 0:
@@ -423,7 +424,7 @@ def train(
         train_images_per_s=round(sum(r['train_images_per_s'] for r in rows) / max(len(rows), 1), 1),
         total_train_seconds=round(sum(r['epoch_seconds'] for r in rows), 1),
         dataset_sha256=train_ds.sha256, dataset=os.path.basename(train_ds.source),
-        command=cfg.command, git_commit=git_commit(), world_size=world,
+        command=cfg.command, git_commit=commit, world_size=world,
         device=str(device), torch=str(torch.__version__), config=asdict(cfg), **(extra_metrics or {}),
     )
     if rank == 0:
