@@ -3,11 +3,15 @@
 timm's pretrained configs (``default_cfgs``), the torch.hub entrypoints, the model cards and the
 README weights table are all derived from ``WEIGHTS``; ``tests/test_registry.py`` checks they agree.
 """
+import contextlib
+import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-__all__ = ['Weights', 'WEIGHTS', 'hub_org', 'get_weights', 'available_tags', 'pretrained_cfg_entries']
+__all__ = [
+    'Weights', 'WEIGHTS', 'hub_org', 'get_weights', 'find_weights', 'available_tags', 'pretrained_cfg_entries',
+    'registered_weights']
 
 PAPER_CITATION = """@inproceedings{dai21aff,
   title     = {Attentional Feature Fusion},
@@ -16,6 +20,9 @@ PAPER_CITATION = """@inproceedings{dai21aff,
   year      = {2021},
   eprint    = {2009.14082},
 }"""
+
+
+CODE_REPO = 'aff-zoo/aff_zoo'  # GitHub owner/name of this code, for torch.hub.load in the model cards
 
 
 def hub_org() -> str:
@@ -32,9 +39,10 @@ class Weights:
     size: int                    # bytes
     num_classes: int
     dataset: str                 # e.g. 'CIFAR-10 (JPEG), train split minus validation'
-    metrics: Dict[str, Any]      # top1, top5, split, epochs, ...
+    metrics: Dict[str, Any]      # top1, top5, split, epochs, best_epoch, train_seconds, device, git_commit
     recipe: str                  # the exact command that trained it
     filename: str = 'model.safetensors'
+    dataset_id: str = 'cifar10'  # Hub dataset id for the card's metadata
     input_size: Tuple[int, int, int] = (3, 32, 32)
     mean: Tuple[float, ...] = (0.4914, 0.4822, 0.4465)
     std: Tuple[float, ...] = (0.2470, 0.2435, 0.2616)
@@ -54,6 +62,22 @@ class Weights:
     def hf_hub_id(self) -> str:
         """One Hub repo per weight file, named like the tagged model."""
         return f'{hub_org()}/{self.name}'
+
+    @property
+    def top1(self) -> Optional[float]:
+        return self.metrics.get('top1')
+
+    @property
+    def top5(self) -> Optional[float]:
+        return self.metrics.get('top5')
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> 'Weights':
+        """Inverse of ``to_dict`` (JSON turns tuples into lists)."""
+        return cls(**{k: tuple(v) if k in ('input_size', 'mean', 'std') else v for k, v in d.items()})
 
     def pretrained_cfg(self) -> Dict[str, Any]:
         """The fields of timm's PretrainedCfg this record decides."""
@@ -80,6 +104,15 @@ def get_weights(name: str) -> Weights:
     raise KeyError(f'No published weights named {name!r}. Available: {", ".join(available_tags()) or "none yet"}')
 
 
+def find_weights(hf_hub_id: Optional[str] = None, name: Optional[str] = None) -> Optional[Weights]:
+    """The record published as ``hf_hub_id`` (``org/repo``, an ``@revision`` suffix ignored) or named ``name``."""
+    repo = (hf_hub_id or '').split('@')[0]
+    for w in WEIGHTS:
+        if (repo and w.hf_hub_id == repo) or (name and w.name == name):
+            return w
+    return None
+
+
 def available_tags(arch: Optional[str] = None) -> List[str]:
     """``arch.tag`` names that have weights, for one architecture or for the whole zoo."""
     return [w.name for w in WEIGHTS if arch is None or w.arch == arch]
@@ -88,3 +121,21 @@ def available_tags(arch: Optional[str] = None) -> List[str]:
 def pretrained_cfg_entries(arch: str) -> List[Tuple[str, Dict[str, Any]]]:
     """``(arch.tag, cfg overrides)`` for timm's ``default_cfgs``, first tag = default."""
     return [(w.name, w.pretrained_cfg()) for w in WEIGHTS if w.arch == arch]
+
+
+@contextlib.contextmanager
+def registered_weights(*records: Weights, replace: bool = False) -> Iterator[Tuple[Weights, ...]]:
+    """Temporarily add ``records`` to the registry (or use only them with ``replace=True``), timm's
+    pretrained configs included; restored on exit. For tests and for trying a new record before
+    pasting it into ``WEIGHTS``."""
+    global WEIGHTS
+    from .models._builder import refresh_pretrained_cfgs
+    saved = WEIGHTS
+    archs = {w.arch for w in records} | ({w.arch for w in saved} if replace else set())
+    WEIGHTS = tuple(records) if replace else saved + tuple(w for w in records if w not in saved)
+    try:
+        refresh_pretrained_cfgs(archs)
+        yield WEIGHTS
+    finally:
+        WEIGHTS = saved
+        refresh_pretrained_cfgs(archs)
