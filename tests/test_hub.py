@@ -246,3 +246,16 @@ def test_registered_weights_is_temporary(hub_checkpoint):
         assert record.name in aff_zoo.weights.available_tags('aff_resnet8')
     assert timm.list_models('aff_resnet8*', pretrained=True) == before
     assert record.name not in aff_zoo.weights.available_tags()
+
+
+def test_hf_hub_repo_outside_registry_loads_safetensors_only(hub_inprocess, tmp_path):
+    """Someone's fine-tune in their own repo: loaded (no registry hash to check), safetensors only."""
+    server, folder, _ = hub_inprocess
+    server.add_repo('someone/aff_resnet8-finetune', folder)
+    model = timm.create_model('hf-hub:someone/aff_resnet8-finetune', pretrained=True)
+    ref = load_file(str(folder / 'model.safetensors'))
+    assert all(torch.equal(v, ref[k]) for k, v in model.state_dict().items())
+    pickle = tmp_path / 'model.pth'
+    torch.save(dict(ref), pickle)
+    with pytest.raises(ValueError, match='only safetensors'):
+        timm.create_model('aff_resnet8', pretrained=True, pretrained_cfg_overlay=dict(file=str(pickle)))
