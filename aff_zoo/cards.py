@@ -53,6 +53,7 @@ def model_card(w: Weights, has_curves: bool = False) -> str:
     m = w.metrics
     rows = [('top-1 (%)', m.get('top1')), ('top-5 (%)', m.get('top5')), ('evaluation split', m.get('split')),
             ('epochs', m.get('epochs')), ('best epoch', m.get('best_epoch')),
+            ('training images', m.get('train_images')), ('validation images', m.get('val_images')),
             ('training time (s)', m.get('train_seconds')), ('trained on', m.get('device')),
             ('code commit', m.get('git_commit'))]
     metric_rows = ''.join(f'| {k} | {_fmt(v)} |\n' for k, v in rows if v is not None)
@@ -96,8 +97,12 @@ model = torch.hub.load('{CODE_REPO}', '{w.name}', pretrained=True, device='cuda'
 ## Fine-tuning
 
 Pass your number of classes; the classifier is re-initialised (a warning names the skipped keys) and the
-rest is loaded: `timm.create_model('{w.name}', pretrained=True, num_classes=N)`, then train it with any
-timm-style loop (timm's `train.py --model {w.name} --pretrained --num-classes N` works after `import aff_zoo`).
+rest is loaded; then train as usual, e.g. with a smaller learning rate than from scratch:
+
+```python
+model = timm.create_model('{w.name}', pretrained=True, num_classes=N)
+optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+```
 
 ## Training
 
@@ -113,8 +118,8 @@ with mean {w.mean} and std {w.std}.
 ## Limitations
 
 Trained on {w.dataset_id} only, at {h}x{w.input_size[2]} pixels: expect accuracy to drop on other image
-statistics or sizes; no robustness or fairness evaluation was done. Figures come from a single training
-run (one seed) on the machine named above, not from the paper.
+statistics or sizes; no robustness or fairness evaluation was done. The figures above come from the
+training run recorded here (its command, code commit and device), not from the paper.
 
 ## Citation
 

@@ -254,7 +254,8 @@ def export_run(run_dir, arch: str, tag: str, out, dataset: str = '', **record_fi
     model = timm.create_model(arch, num_classes=num_classes)
     model.load_state_dict(state, strict=True)
     metrics = dict(top1=m['val_top1'], top5=m.get('val_top5'), split=m.get('val_split', ''), epochs=m.get('epochs'),
-                   best_epoch=m.get('best_epoch'), train_seconds=m.get('total_train_seconds'),
+                   best_epoch=m.get('best_epoch'), train_images=m.get('train_images'), val_images=m.get('val_images'),
+                   train_seconds=m.get('total_train_seconds'),
                    device=m.get('device'), world_size=m.get('world_size'), git_commit=m.get('git_commit'),
                    dataset_sha256=m.get('dataset_sha256'))
     metrics = {k: v for k, v in metrics.items() if v is not None}

@@ -39,7 +39,7 @@ class Weights:
     size: int                    # bytes
     num_classes: int
     dataset: str                 # e.g. 'CIFAR-10 (JPEG), train split minus validation'
-    metrics: Dict[str, Any]      # top1, top5, split, epochs, best_epoch, train_seconds, device, git_commit
+    metrics: Dict[str, Any]      # top1, top5, split, epochs, best_epoch, train_images, train_seconds, device, ...
     recipe: str                  # the exact command that trained it
     filename: str = 'model.safetensors'
     dataset_id: str = 'cifar10'  # Hub dataset id for the card's metadata

@@ -32,14 +32,23 @@ def test_records_are_complete_and_unique():
         assert w.hf_hub_id == f'aff-zoo/{w.name}'
 
 
-def test_timm_cfgs_match_registry():
+def _check_timm_cfgs(records):
     aff_pretrained = {m for m in timm.list_models(pretrained=True) if m.split('.')[0] in aff_zoo.list_models()}
-    assert aff_pretrained == {w.name for w in WEIGHTS}
-    for w in WEIGHTS:
+    assert aff_pretrained == {w.name for w in records}
+    for w in records:
         cfg = timm.models.get_pretrained_cfg(w.name)
         assert cfg.hf_hub_id == w.hf_hub_id and cfg.num_classes == w.num_classes
         assert (tuple(cfg.input_size), tuple(cfg.mean), tuple(cfg.std)) == (w.input_size, w.mean, w.std)
         assert (cfg.interpolation, cfg.crop_pct, cfg.license) == (w.interpolation, w.crop_pct, w.license)
+
+
+def test_timm_cfgs_match_registry(hub_checkpoint):
+    _check_timm_cfgs(WEIGHTS)
+    _, record = hub_checkpoint
+    with registered_weights(record):  # a registered record reaches timm (and leaves with the context)
+        _check_timm_cfgs(weights.WEIGHTS)
+        assert timm.models.get_pretrained_cfg('aff_resnet8').tag == 'hubtest'  # first tag = default
+    _check_timm_cfgs(WEIGHTS)
 
 
 def test_hub_folders_and_cards_match_registry():
