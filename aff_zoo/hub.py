@@ -133,6 +133,17 @@ def weights_file(record: Weights) -> str:
     return verify_file(path, record, f'the Hub at {_endpoint()}')
 
 
+def _file_num_classes(path, cfg: Dict[str, Any]) -> int:
+    """Classes in a checkpoint without a registry record: rows of its classifier weight."""
+    from safetensors import safe_open
+    head = cfg.get('classifier') or 'fc'
+    head = head if isinstance(head, str) else head[0]
+    with safe_open(str(path), 'pt') as f:
+        if f'{head}.weight' in f.keys():
+            return f.get_slice(f'{head}.weight').get_shape()[0]
+    return cfg['num_classes']
+
+
 def resolve_pretrained_file(cfg: Dict[str, Any]) -> Optional[Tuple[str, int]]:
     """``(local safetensors file, its num_classes)`` for a resolved timm pretrained cfg, or ``None`` to let
     timm load an in-memory ``state_dict``. Registry weights are verified; anything not safetensors is refused."""
@@ -148,14 +159,15 @@ def resolve_pretrained_file(cfg: Dict[str, Any]) -> Optional[Tuple[str, int]]:
             path = path / WEIGHTS_NAME
         if path.suffix != '.safetensors' or not path.is_file():
             raise ValueError(f'{arch}: only safetensors weight files are loaded; {path} is not one (or is missing).')
-        return str(path), cfg['num_classes']
+        return str(path), _file_num_classes(path, cfg)
     else:
         record = find_weights(name=f'{arch}.{tag}' if tag else None, hf_hub_id=hub_id)
     if record is not None:
         return weights_file(record), record.num_classes
     if hub_id:  # a Hub repo outside the registry (e.g. someone's fine-tune): safetensors, no hash to check
         repo, _, revision = hub_id.partition('@')
-        return hub_download(repo, WEIGHTS_NAME, f'hf-hub:{hub_id}', revision or None), cfg['num_classes']
+        path = hub_download(repo, WEIGHTS_NAME, f'hf-hub:{hub_id}', revision or None)
+        return path, _file_num_classes(path, cfg)
     if cfg.get('url'):
         raise ValueError(f'{arch}: weights from a URL ({cfg["url"]}) are not loaded; only registered safetensors.')
     return None
@@ -209,7 +221,8 @@ def save_pretrained(
     architecture, num_classes, num_features, pretrained_cfg) and ``README.md`` (the model card), plus
     ``training_curves.png`` when ``curves`` is given. Returns the ``Weights`` record describing the file
     (paste it into ``aff_zoo/weights.py`` to register it)."""
-    from timm.models import save_for_hf
+    from safetensors.torch import save_file
+    from timm.models._hub import save_config_for_hf
     from .cards import model_card
     folder = Path(folder)
     cfg = dict(model.pretrained_cfg)
@@ -221,11 +234,10 @@ def save_pretrained(
     folder.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f'.{folder.name}.') as tmp:
         tmp = Path(tmp)
-        was_training = model.training
-        model.eval()
-        state_model = model.to(memory_format=torch.contiguous_format)
-        save_for_hf(state_model, tmp, model_config=dict(pretrained_cfg=pcfg), safe_serialization=True)
-        model.train(was_training)
+        # weights: contiguous CPU copies (a channels_last or CUDA model saves as is); config: timm's own writer
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={'format': 'pt'})
+        save_config_for_hf(model, tmp / 'config.json', model_config=dict(pretrained_cfg=pcfg))
         record = replace(probe, sha256=sha256_file(tmp / WEIGHTS_NAME), size=(tmp / WEIGHTS_NAME).stat().st_size)
         if curves:
             shutil.copyfile(curves, tmp / CURVES_NAME)

@@ -259,3 +259,12 @@ def test_hf_hub_repo_outside_registry_loads_safetensors_only(hub_inprocess, tmp_
     torch.save(dict(ref), pickle)
     with pytest.raises(ValueError, match='only safetensors'):
         timm.create_model('aff_resnet8', pretrained=True, pretrained_cfg_overlay=dict(file=str(pickle)))
+
+
+def test_save_pretrained_channels_last_round_trip(tmp_path):
+    model = timm.create_model('aff_resnet8', num_classes=4).to(memory_format=torch.channels_last).eval()
+    record = zhub.save_pretrained(model, tmp_path / 'aff_resnet8.cl', tag='cl')
+    assert record.num_classes == 4 and record.tag == 'cl'
+    loaded = timm.create_model('aff_resnet8', pretrained=True, num_classes=4,
+                               pretrained_cfg_overlay=dict(file=str(tmp_path / 'aff_resnet8.cl')))
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
