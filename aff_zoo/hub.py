@@ -49,8 +49,9 @@ def sha256_file(path) -> str:
 
 
 def shipped_folder(record: Weights) -> Path:
-    """``hub/<arch>.<tag>/`` in this repository: the folder exactly as its Hub repo holds it."""
-    return REPO_ROOT / 'hub' / record.name
+    """``hub/<arch>.<tag>/`` in this repository: the folder exactly as its Hub repo holds it.
+    ``AFF_ZOO_HUB_DIR`` names another folder of such folders (an empty one: always use the Hub)."""
+    return Path(os.environ.get('AFF_ZOO_HUB_DIR') or REPO_ROOT / 'hub') / record.name
 
 
 def verify_file(path, record: Weights, source: str) -> str:

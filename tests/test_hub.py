@@ -24,31 +24,35 @@ from conftest import HUB_TEST_ORG, _free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-# Loads aff_resnet8.hubtest through the three user paths in a fresh interpreter (so HF_ENDPOINT and
-# HF_HUB_OFFLINE are read from the environment at import, as for a user) and prints a digest of each.
-_LOAD_SCRIPT = r'''
+# Loads weights through the three user paths in a fresh interpreter (so HF_ENDPOINT and HF_HUB_OFFLINE
+# are read from the environment at import, as for a user) and prints a digest of each model's state.
+_LOAD_SCRIPT = r"""
 import hashlib, json, sys, torch, timm, aff_zoo
 from aff_zoo.weights import Weights, registered_weights
-rec = Weights.from_dict(json.loads(sys.argv[1]))
+extra, names, repo = [Weights.from_dict(d) for d in json.loads(sys.argv[1])], json.loads(sys.argv[2]), sys.argv[3]
 def digest(m):
     h = hashlib.sha256()
     for k, v in m.state_dict().items():
         h.update(k.encode()); h.update(v.cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
-with registered_weights(rec):
-    out = {
-        'timm': digest(timm.create_model(rec.name, pretrained=True)),
-        'hf-hub': digest(timm.create_model('hf-hub:' + rec.hf_hub_id, pretrained=True)),
-        'torch.hub': digest(torch.hub.load(sys.argv[2], rec.name, source='local', pretrained=True, device='cpu')),
-        'torch.hub-arch': digest(torch.hub.load(sys.argv[2], rec.arch, source='local', pretrained=True)),
-    }
+out = {}
+with registered_weights(*extra) as records:
+    for w in records:
+        if w.name in names:
+            out[w.name] = {
+                'timm': digest(timm.create_model(w.name, pretrained=True)),
+                'hf-hub': digest(timm.create_model('hf-hub:' + w.hf_hub_id, pretrained=True)),
+                'torch.hub': digest(torch.hub.load(repo, w.name, source='local', pretrained=True, device='cpu')),
+                'torch.hub-arch': digest(torch.hub.load(repo, w.arch, source='local', pretrained=True,
+                                                        pretrained_cfg=w.tag)),
+            }
 print('DIGESTS ' + json.dumps(out))
-'''
+"""
 
 
-def _digest_of_file(path) -> str:
+def _digest_of_file(arch, path) -> str:
     import hashlib
-    model = timm.create_model('aff_resnet8')
+    model = timm.create_model(arch, num_classes=load_file(str(path))['fc.weight'].shape[0])
     model.load_state_dict(load_file(str(path)))
     h = hashlib.sha256()
     for k, v in model.state_dict().items():
@@ -57,25 +61,32 @@ def _digest_of_file(path) -> str:
     return h.hexdigest()
 
 
-def _run_loader(env, record):
+def _run_loader(env, extra, names):
     env = dict(env, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), env.get('PYTHONPATH', '')]))
-    proc = subprocess.run([sys.executable, '-c', _LOAD_SCRIPT, json.dumps(record.to_dict()), str(REPO_ROOT)],
-                          env=env, capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+    proc = subprocess.run(
+        [sys.executable, '-c', _LOAD_SCRIPT, json.dumps([w.to_dict() for w in extra]), json.dumps(names),
+         str(REPO_ROOT)], env=env, capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith('DIGESTS ')][-1]
     return json.loads(line[len('DIGESTS '):])
 
 
-def test_three_paths_identical_online_then_offline_cache(hub_env, hub_checkpoint, monkeypatch):
+def test_three_paths_identical_online_then_offline_cache(hub_server, hub_env, hub_checkpoint, tmp_path):
+    """The test checkpoint and every published one (hub/<name>/, committed to the server as test-org/<name>;
+    AFF_ZOO_HUB_DIR points at an empty folder so the shipped copies are not used) load identically."""
     folder, record = hub_checkpoint
-    monkeypatch.setenv('AFF_ZOO_HUB_ORG', HUB_TEST_ORG)
-    expected = _digest_of_file(folder / 'model.safetensors')
-    online = _run_loader(hub_env, record)
-    assert set(online.values()) == {expected}, online
+    expected = {record.name: _digest_of_file(record.arch, folder / 'model.safetensors')}
+    for w in aff_zoo.weights.WEIGHTS:
+        hub_server.add_repo(f'{HUB_TEST_ORG}/{w.name}', REPO_ROOT / 'hub' / w.name)
+        expected[w.name] = _digest_of_file(w.arch, REPO_ROOT / 'hub' / w.name / w.filename)
+    (tmp_path / 'no_shipped').mkdir()
+    env = dict(hub_env, AFF_ZOO_HUB_DIR=str(tmp_path / 'no_shipped'))
+    online = _run_loader(env, [record], list(expected))
+    assert {n: set(d.values()) for n, d in online.items()} == {n: {e} for n, e in expected.items()}, online
     # second load: served from the HF cache the first one filled, with the client forbidden to go online
-    offline = _run_loader(dict(hub_env, HF_HUB_OFFLINE='1'), record)
-    assert set(offline.values()) == {expected}, offline
-    cached = list(Path(hub_env['HF_HOME']).rglob('model.safetensors'))
+    offline = _run_loader(dict(env, HF_HUB_OFFLINE='1'), [record], list(expected))
+    assert offline == online
+    cached = list(Path(hub_env['HF_HOME']).rglob(f'*{record.name}*/**/model.safetensors'))
     assert cached and zhub.sha256_file(cached[0]) == record.sha256
 
 
