@@ -1,14 +1,14 @@
 """Model cards and the README weights table, generated from the registry (``aff_zoo.weights``), whose
 metrics and recipe come from the training logs at export time. Never edited by hand: ``aff-zoo cards``
-rewrites ``model_cards/<name>.md``, ``hub/<name>/README.md`` and the README table;
+rewrites ``model_cards/<name>.md``, ``hub/<name>/README.md`` and the README table (the ``weights``
+section of ``aff_zoo.docs``, so ``scripts/update_readme.py`` writes it too);
 ``tests/test_registry.py`` fails when any of them is stale."""
 from pathlib import Path
 from typing import List, Sequence
 
+from .docs import replace_section
 from .weights import CODE_REPO, Weights
 
-TABLE_START = '<!-- weights:start -->'
-TABLE_END = '<!-- weights:end -->'
 
 _FUSION_TEXT = {
     'aff': 'AFF (attentional feature fusion: Z = M(X+Y)*X + (1-M(X+Y))*Y with a multi-scale channel attention '
@@ -141,15 +141,6 @@ def weights_table(records: Sequence[Weights]) -> str:
         for w in records)
 
 
-def readme_with_table(readme: str, records: Sequence[Weights]) -> str:
-    """``readme`` with the text between the table markers replaced by ``weights_table(records)``."""
-    if TABLE_START not in readme or TABLE_END not in readme:
-        raise ValueError(f'README.md lacks the weights table markers {TABLE_START!r} ... {TABLE_END!r}')
-    before, rest = readme.split(TABLE_START, 1)
-    _, after = rest.split(TABLE_END, 1)
-    return f'{before}{TABLE_START}\n{weights_table(records)}{TABLE_END}{after}'
-
-
 def expected_files(root, records: Sequence[Weights]) -> dict:
     """``{path: text}`` for every generated file: the cards (model_cards/ and hub/<name>/README.md) and README."""
     root = Path(root)
@@ -158,7 +149,7 @@ def expected_files(root, records: Sequence[Weights]) -> dict:
         card = model_card(w, has_curves=(root / 'hub' / w.name / 'training_curves.png').is_file())
         out[root / 'model_cards' / f'{w.name}.md'] = card
         out[root / 'hub' / w.name / 'README.md'] = card
-    out[root / 'README.md'] = readme_with_table((root / 'README.md').read_text(), records)
+    out[root / 'README.md'] = replace_section((root / 'README.md').read_text(), 'weights', weights_table(records))
     return out
 
 

@@ -71,7 +71,7 @@ def test_stale_card_and_table_are_detected(hub_checkpoint, tmp_path):
     """The check above can fail: a registry change makes the generated files stale."""
     folder, record = hub_checkpoint
     (tmp_path / 'hub').mkdir()
-    (tmp_path / 'README.md').write_text(f'# x\n\n{cards.TABLE_START}\nold\n{cards.TABLE_END}\n\nrest\n')
+    (tmp_path / 'README.md').write_text('# x\n\n<!-- weights:start -->\nold\n<!-- weights:end -->\n\nrest\n')
     with registered_weights(record, replace=True):
         assert len(cards.write_cards(tmp_path)) == 3  # card, hub README, README table written
         assert cards.write_cards(tmp_path, check=True) == []
