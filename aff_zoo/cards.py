@@ -6,7 +6,7 @@ section of ``aff_zoo.docs``, so ``scripts/update_readme.py`` writes it too);
 from pathlib import Path
 from typing import List, Sequence
 
-from .docs import replace_section
+from .docs import SECTIONS, replace_section
 from .weights import CODE_REPO, Weights
 
 
@@ -149,7 +149,11 @@ def expected_files(root, records: Sequence[Weights]) -> dict:
         card = model_card(w, has_curves=(root / 'hub' / w.name / 'training_curves.png').is_file())
         out[root / 'model_cards' / f'{w.name}.md'] = card
         out[root / 'hub' / w.name / 'README.md'] = card
-    out[root / 'README.md'] = replace_section((root / 'README.md').read_text(), 'weights', weights_table(records))
+    readme = replace_section((root / 'README.md').read_text(), 'weights', weights_table(records))
+    for name, render in SECTIONS.items():  # the other generated sections that show the registry (models table)
+        if name != 'weights' and f'<!-- {name}:start -->' in readme:
+            readme = replace_section(readme, name, render())
+    out[root / 'README.md'] = readme
     return out
 
 

@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import dataclasses
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -279,16 +280,26 @@ def export_run(run_dir, arch: str, tag: str, out, dataset: str = '', **record_fi
 
 
 def record_source(record: Weights) -> str:
-    """``record`` as Python source, ready to paste into ``WEIGHTS``."""
+    """``record`` as Python source, ready to paste into ``WEIGHTS`` (lines under 120 characters)."""
+    import textwrap
     from dataclasses import fields
-    default = {f.name: f.default for f in fields(Weights) if f.default is not f.default_factory}
+
+    def fmt(v, indent):
+        if isinstance(v, str) and len(v) > 90:
+            parts = textwrap.wrap(v, 90, drop_whitespace=False, break_on_hyphens=False)
+            return ('\n' + ' ' * (indent + 4)).join(repr(p) for p in parts)
+        if isinstance(v, dict) and len(repr(v)) > 90:
+            items = [f'{k!r}: {fmt(x, indent + 4)}' for k, x in v.items()]
+            return '{\n' + ''.join(f'{" " * (indent + 4)}{i},\n' for i in items) + ' ' * indent + '}'
+        return repr(v)
+
     parts = []
     for f in fields(Weights):
         v = getattr(record, f.name)
-        if f.name in default and default[f.name] == v or (f.name == 'extra' and not v):
+        if (f.default is not dataclasses.MISSING and f.default == v) or (f.name == 'extra' and not v):
             continue
-        parts.append(f'{f.name}={v!r}')
-    return 'Weights(\n    ' + ',\n    '.join(parts) + ',\n),'
+        parts.append(f'    {f.name}={fmt(v, 4)},')
+    return 'Weights(\n' + '\n'.join(parts) + '\n),'
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -90,7 +90,42 @@ class Weights:
 
 
 # Filled as checkpoints are trained and exported (``aff-zoo export``); see README "Publishing weights".
-WEIGHTS: Tuple[Weights, ...] = ()
+_E2_NOTE = ('A short run of the fusion ablation (2 epochs on 15000 training images, single seed, trained on a '
+            'shared 2-core CPU machine without GPU): far from converged. It exists to publish and test the weights '
+            'pipeline end to end; use it for smoke tests or as a starting point, not as a result.')
+
+WEIGHTS: Tuple[Weights, ...] = (
+    Weights(
+        arch='aff_resnet8',
+        tag='cifar10_e2',
+        sha256='3a604f01bdccf8ba408a8e9713a6db0f855cd741c141374be9d28d09ad33fbf1',
+        size=347224,
+        num_classes=10,
+        dataset='CIFAR-10 (JPEG): 15000 training images, a subset of the train split minus the validation '
+            'images',
+        metrics={
+            'top1': 47.98,
+            'top5': 93.48,
+            'split': 'last 500 images per class (sorted by name)',
+            'epochs': 2,
+            'best_epoch': 2,
+            'train_images': 15000,
+            'val_images': 5000,
+            'train_seconds': 810.4,
+            'device': 'cpu',
+            'world_size': 1,
+            'git_commit': '40f010c13f49d7e344b1b79b0b2dea342d7b4642',
+            'dataset_sha256': 'bb033266dbb26aa71223ff120c0df4e7d3943dbd93b9e65984876854c6234931',
+        },
+        recipe='aff-zoo train --amp --batch-size 128 --channels-last --crop-pad 4 --data '
+            '/work/shared/data/cifar10-train-jpeg.tar.gz --drop-path 0.0 --ema-decay 0.0 --epochs 2 '
+            '--eval-batch-size 500 --hflip --label-smoothing 0.0 --lr 0.1 --min-lr 0.0 --mixup-alpha '
+            '0.0 --model aff_resnet8 --momentum 0.9 --nesterov --no-wd-bn-bias --opt sgd --output '
+            '/work/runs/train/ablation/aff_resnet8-s0 --seed 0 --train-subset 15000 --val-per-class 500'
+            ' --warmup-epochs 0.3 --weight-decay 0.0005',
+        notes=_E2_NOTE,
+    ),
+)
 
 
 def get_weights(name: str) -> Weights:
