@@ -125,6 +125,36 @@ WEIGHTS: Tuple[Weights, ...] = (
             ' --warmup-epochs 0.3 --weight-decay 0.0005',
         notes=_E2_NOTE,
     ),
+    Weights(
+        arch='iaff_resnet8',
+        tag='cifar10_e2',
+        sha256='0819a17aaa8fd9b10399a4d684a15d78bbdfbf5f1e981c7d3af5920187b31613',
+        size=377272,
+        num_classes=10,
+        dataset='CIFAR-10 (JPEG): 15000 training images, a subset of the train split minus the validation '
+            'images',
+        metrics={
+            'top1': 47.92,
+            'top5': 93.32,
+            'split': 'last 500 images per class (sorted by name)',
+            'epochs': 2,
+            'best_epoch': 2,
+            'train_images': 15000,
+            'val_images': 5000,
+            'train_seconds': 1169.9,
+            'device': 'cpu',
+            'world_size': 1,
+            'git_commit': '8f82a133a5347c49ad02eca98b21c61ec8749659-dirty',
+            'dataset_sha256': 'bb033266dbb26aa71223ff120c0df4e7d3943dbd93b9e65984876854c6234931',
+        },
+        recipe='aff-zoo train --amp --batch-size 128 --channels-last --crop-pad 4 --data '
+            '/work/shared/data/cifar10-train-jpeg.tar.gz --drop-path 0.0 --ema-decay 0.0 --epochs 2 '
+            '--eval-batch-size 500 --hflip --label-smoothing 0.0 --lr 0.1 --min-lr 0.0 --mixup-alpha '
+            '0.0 --model iaff_resnet8 --momentum 0.9 --nesterov --no-wd-bn-bias --opt sgd --output '
+            '/work/runs/train/ablation/iaff_resnet8-s0 --seed 0 --train-subset 15000 --val-per-class '
+            '500 --warmup-epochs 0.3 --weight-decay 0.0005',
+        notes=_E2_NOTE,
+    ),
 )
 
 
