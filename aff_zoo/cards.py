@@ -141,7 +141,7 @@ def weights_table(records: Sequence[Weights]) -> str:
         for w in records)
 
 
-def expected_files(root, records: Sequence[Weights]) -> dict:
+def expected_files(root, records: Sequence[Weights], all_sections: bool = True) -> dict:
     """``{path: text}`` for every generated file: the cards (model_cards/ and hub/<name>/README.md) and README."""
     root = Path(root)
     out = {}
@@ -151,17 +151,18 @@ def expected_files(root, records: Sequence[Weights]) -> dict:
         out[root / 'hub' / w.name / 'README.md'] = card
     readme = replace_section((root / 'README.md').read_text(), 'weights', weights_table(records))
     for name, render in SECTIONS.items():  # the other generated sections that show the registry (models table)
-        if name != 'weights' and f'<!-- {name}:start -->' in readme:
+        if all_sections and name != 'weights' and f'<!-- {name}:start -->' in readme:
             readme = replace_section(readme, name, render())
     out[root / 'README.md'] = readme
     return out
 
 
-def write_cards(root, check: bool = False) -> List[Path]:
-    """Rewrite the generated files that differ from the registry (``check``: only list them)."""
+def write_cards(root, check: bool = False, all_sections: bool = True) -> List[Path]:
+    """Rewrite the generated files that differ from the registry (``check``: only list them;
+    ``all_sections=False``: of the README only the weights table, not the slower models table)."""
     from . import weights
     stale = []
-    for path, text in expected_files(root, weights.WEIGHTS).items():
+    for path, text in expected_files(root, weights.WEIGHTS, all_sections).items():
         if not path.is_file() or path.read_text() != text:
             stale.append(path)
             if not check:
