@@ -412,7 +412,7 @@ def publish(folder, record: Optional[Weights] = None, repo_id: Optional[str] = N
 
 
 def _cmd_export(args) -> int:
-    out = args.out or str(REPO_ROOT / 'hub' / f'{args.arch}.{args.tag}')
+    out = args.out or str(Path('hub') / f'{args.arch}.{args.tag}')
     record = export_run(args.run_dir, args.arch, args.tag, out, dataset=args.dataset or '')
     print(f'wrote {out}: ' + ', '.join(sorted(p.name for p in Path(out).iterdir())))
     print('Add this record to WEIGHTS in aff_zoo/weights.py, then run `aff-zoo cards`:\n')
@@ -429,7 +429,7 @@ def _cmd_publish(args) -> int:
 
 def _cmd_cards(args) -> int:
     from .cards import write_cards
-    paths = write_cards(REPO_ROOT, check=args.check)
+    paths = write_cards(Path(args.root), check=args.check)
     for path in paths:
         print(('stale: ' if args.check else 'wrote ') + str(path))
     return 1 if args.check and paths else 0
@@ -440,7 +440,7 @@ def register_cli(sub):
     p.add_argument('run_dir', help='a finished `aff-zoo train` output dir (model.safetensors, metrics.json, ...)')
     p.add_argument('--arch', required=True, help='registered model name, e.g. aff_resnet20')
     p.add_argument('--tag', required=True, help='weights tag, e.g. cifar10')
-    p.add_argument('--out', help='Hub folder to write (default: hub/<arch>.<tag> in this repository)')
+    p.add_argument('--out', help='Hub folder to write (default: hub/<arch>.<tag> in the current directory)')
     p.add_argument('--dataset', help='dataset description for the card (default: from metrics.json)')
     p.set_defaults(func=_cmd_export)
     p = sub.add_parser('publish', help='validate a Hub folder against the registry and upload it')
@@ -453,5 +453,6 @@ def register_cli(sub):
     p.add_argument('--dry-run', action='store_true', help='list the exact operations, sizes and hashes; upload nothing')
     p.set_defaults(func=_cmd_publish)
     p = sub.add_parser('cards', help='regenerate model cards, hub/*/README.md and the README weights table')
+    p.add_argument('--root', default='.', help='the aff_zoo checkout (README.md, hub/, model_cards/); default: .')
     p.add_argument('--check', action='store_true', help='write nothing; list stale files, exit 1 if any')
     p.set_defaults(func=_cmd_cards)
