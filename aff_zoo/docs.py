@@ -25,9 +25,16 @@ def _models_table() -> str:
     return models_table(fmt='markdown')
 
 
+def _weights_table() -> str:
+    from . import weights
+    from .cards import weights_table
+    return weights_table(weights.WEIGHTS)
+
+
 # name -> generator; other modules add their generated sections here.
 SECTIONS: Dict[str, Callable[[], str]] = {
     'models-table': _models_table,
+    'weights': _weights_table,
 }
 
 

@@ -1,6 +1,9 @@
 """What every aff_zoo model file shares: default configs derived from the weights registry,
-and one ``build_aff_model`` that turns a bad tag or a missing weight into a clear error."""
-from typing import Any, Callable, Dict, Optional
+and one ``build_aff_model`` that turns a bad tag or a missing weight into a clear error and
+loads only sha256-verified safetensors files."""
+import sys
+import warnings
+from typing import Any, Callable, Dict, Iterable, Optional
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg
@@ -25,17 +28,36 @@ def cifar_cfg(**kwargs) -> Dict[str, Any]:
         first_conv='stem.conv', classifier='fc', license='apache-2.0', **kwargs)
 
 
+_BASE_CFGS: Dict[str, Callable[..., Dict[str, Any]]] = {}  # arch -> its base cfg, to rebuild cfgs
+
+
 def make_default_cfgs(archs, base_cfg: Callable[..., Dict[str, Any]]):
     """timm ``default_cfgs`` for ``archs``: one ``arch.tag`` entry per registered weight file
     (see ``aff_zoo.weights``), or one untagged, weightless entry for an architecture without weights."""
     cfgs = {}
     for arch in archs:
+        _BASE_CFGS[arch] = base_cfg
         entries = pretrained_cfg_entries(arch)
         if not entries:
             cfgs[arch] = base_cfg()
         for name_tag, overrides in entries:
             cfgs[name_tag] = dict(base_cfg(), **overrides)
     return generate_default_cfgs(cfgs)
+
+
+def refresh_pretrained_cfgs(archs: Iterable[str]):
+    """Re-derive timm's pretrained cfgs of ``archs`` from the registry as it is now (after
+    ``aff_zoo.weights.registered_weights`` changed it): rebuild the module's ``default_cfgs``
+    entry and re-register the entrypoint, which makes timm drop the stale tags."""
+    from timm.models import register_model
+    from timm.models._registry import _model_entrypoints
+    for arch in archs:
+        fn = _model_entrypoints[arch]
+        mod = sys.modules[fn.__module__]
+        mod.default_cfgs.update(make_default_cfgs([arch], _BASE_CFGS[arch]))
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            register_model(fn)
 
 
 def _has_weights(cfg) -> bool:
@@ -64,4 +86,27 @@ def build_aff_model(model_cls, variant: str, pretrained: bool, feature_cfg: Opti
                 f'Tags with weights: {", ".join(available_tags()) or "none yet"}. '
                 f'Use pretrained=False, pick one of those tags, or pass '
                 f'pretrained_cfg_overlay=dict(file="/path/to/model.safetensors").')
+        from ..hub import resolve_pretrained_file
+        cfg = cfg.to_dict()
+        resolved = resolve_pretrained_file(cfg)  # verified local safetensors file, or None: timm loads
+        if resolved is not None:
+            path, ckpt_classes = resolved
+            cfg.update(file=path, source='', hf_hub_id=None, url=None, num_classes=ckpt_classes)
+            _warn_head_reset(variant, path, ckpt_classes, kwargs.get('num_classes', ckpt_classes), cfg)
+            kwargs.update(pretrained_cfg=cfg, pretrained_cfg_overlay=None)
     return build_model_with_cfg(model_cls, variant, pretrained, feature_cfg=feature_cfg, **kwargs)
+
+
+def _warn_head_reset(variant: str, path: str, ckpt_classes: int, num_classes: int, cfg: Dict[str, Any]):
+    """timm silently drops the checkpoint's classifier when ``num_classes`` differs; say which keys."""
+    if num_classes == ckpt_classes:
+        return
+    from safetensors import safe_open
+    heads = cfg.get('classifier') or ()
+    heads = (heads,) if isinstance(heads, str) else tuple(heads)
+    with safe_open(path, 'pt') as f:
+        skipped = [k for k in f.keys() if k.rsplit('.', 1)[0] in heads]
+    warnings.warn(
+        f'{variant}: the checkpoint has {ckpt_classes} classes, the model {num_classes}; the classifier is '
+        f're-initialised (random) and these checkpoint keys are not loaded: {", ".join(skipped) or "none"}. '
+        f'Fine-tune before use.', stacklevel=3)
