@@ -42,10 +42,14 @@ def bottleneck_width(channels: int, r: int, min_channels: int = 4) -> int:
 
 
 def blend(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, scale: float) -> torch.Tensor:
-    """``scale * (w*x + (1-w)*y)``, written as ``y + w*(x-y)`` to keep one fewer full-size temporary."""
-    out = torch.addcmul(y, w, x - y)
+    """``scale * (w*x + (1-w)*y)`` as ``lerp(y, x, w) * scale``: one pass and no temporary for ``x - y``
+    (``torch.lerp``), then an in-place scale (the lerp's output is not saved for backward)."""
+    if x.dtype == y.dtype and y.dtype == w.dtype:
+        out = torch.lerp(y, x, w)
+    else:  # mixed precision without autocast: addcmul promotes, lerp would refuse
+        out = torch.addcmul(y, w, x - y)
     if scale != 1.0:
-        out = out * scale
+        out = out.mul_(scale)
     return out
 
 
@@ -75,8 +79,11 @@ class _GlobalContext(nn.Module):
         self.conv2 = _conv1x1(hidden, channels, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.mean((2, 3), keepdim=True)
-        return self.conv2(self.act(self.conv1(x)))
+        # On the pooled N x C vector: two small matmuls instead of two 1x1 convolutions on 1x1 maps.
+        x = x.mean((2, 3))
+        x = self.act(F.linear(x, self.conv1.weight.flatten(1), self.conv1.bias))
+        x = F.linear(x, self.conv2.weight.flatten(1), self.conv2.bias)
+        return x[:, :, None, None]
 
 
 class MSCAM(nn.Module):
@@ -107,14 +114,16 @@ class MSCAM(nn.Module):
         if x.dim() != 4 or x.shape[1] != self.channels:
             raise ValueError(f'MSCAM expects an N x {self.channels} x H x W tensor, got shape {list(x.shape)}')
         if self.local_att is not None and self.global_att is not None:
-            return self.local_att(x) + self.global_att(x)
+            # In place: the local branch's last output (BN or, once fused, conv) is not saved for backward.
+            return self.local_att(x).add_(self.global_att(x))
         if self.local_att is not None:
             return self.local_att(x)
         assert self.global_att is not None
         return self.global_att(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.logits(x))
+        # ``logits`` is a fresh tensor nobody else holds, so the sigmoid can overwrite it.
+        return self.logits(x).sigmoid_()
 
 
 class AddFusion(nn.Module):
@@ -165,8 +174,9 @@ class _TwoWaySoftmax(nn.Module):
         self.conv2 = _conv1x1(hidden, 2 * channels, bias=True)
 
     def forward(self, s: torch.Tensor) -> torch.Tensor:
-        s = s.mean((2, 3), keepdim=True)
-        logits = self.conv2(self.act(self.conv1(s)))
+        s = s.mean((2, 3))
+        s = self.act(F.linear(s, self.conv1.weight.flatten(1), self.conv1.bias))
+        logits = F.linear(s, self.conv2.weight.flatten(1), self.conv2.bias)
         logits = logits.view(logits.shape[0], 2, self.channels, 1, 1)
         return torch.softmax(logits, dim=1)[:, 0]
 
