@@ -519,6 +519,10 @@ def run(args) -> int:
     print(f'# {meta["machine"]}\n# {meta["load_before"]}', flush=True)
     common = dict(device=args.device, amp=args.amp, channels_last=not args.no_channels_last, compile=args.compile,
                   fuse=not args.no_fuse, repeats=args.repeats, iters=args.iters)
+    for models, baseline, suite in ((args.imagenet_models, args.imagenet_baseline, 'imagenet'),
+                                    (args.cifar_models, args.cifar_baseline, 'cifar')):
+        if suite in args.suite and baseline not in models:
+            raise ValueError(f'--{suite}-baseline {baseline!r} is not in --{suite}-models {models}; add it or pick one')
     for suite in args.suite:
         if suite == 'fusion':
             rows = benchmark_fusions(batch_size=args.fusion_batch_size, device=args.device, repeats=args.repeats + 2)

@@ -68,6 +68,16 @@ class _LocalContext(nn.Sequential):
         self.conv2 = _conv1x1(hidden, channels, bias=False)
         self.bn2 = nn.BatchNorm2d(channels)
 
+    @torch.no_grad()
+    def fuse(self):
+        """Fold both BatchNorms (eval statistics) into the convolutions; BNs become ``Identity``. Idempotent."""
+        if isinstance(self.bn1, nn.BatchNorm2d):
+            self.conv1 = _fold_bn(self.conv1, self.bn1)
+            self.bn1 = nn.Identity()
+        if isinstance(self.bn2, nn.BatchNorm2d):
+            self.conv2 = _fold_bn(self.conv2, self.bn2)
+            self.bn2 = nn.Identity()
+
 
 class _GlobalContext(nn.Module):
     """g(X) = PWConv2(ReLU(PWConv1(GAP(X)))) on the pooled vector; biases instead of BN (batch size 1)."""
@@ -234,20 +244,23 @@ def create_fusion(name: str, channels: int, r: int = 4, scale: float = 2.0) -> n
 
 
 def _fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
-    """A 1x1 convolution with ``bn`` (eval statistics) folded into its weight and bias."""
-    return torch.nn.utils.fusion.fuse_conv_bn_eval(conv.eval(), bn.eval())
+    """A 1x1 convolution with ``bn`` (eval statistics) folded into its weight and bias (memory format kept)."""
+    channels_last = conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+    fused = torch.nn.utils.fusion.fuse_conv_bn_eval(conv.eval(), bn.eval())
+    return fused.to(memory_format=torch.channels_last) if channels_last else fused
 
 
 def fuse_for_inference(module: nn.Module) -> nn.Module:
-    """Fold every BatchNorm of every MS-CAM local branch into its 1x1 convolutions, in place.
+    """Fold every BatchNorm of every MS-CAM local branch into its 1x1 convolutions, in place; idempotent.
 
-    For inference only: the folded module computes the same function as the eval-mode original
-    (to float rounding) with two fewer passes over each full-size tensor. Returns ``module``.
+    For inference only (the module must be in eval mode: the running statistics are folded in, so
+    training the result would train a different network): the folded module computes the eval-mode
+    original's function (to float rounding) without two passes over each full-size tensor. The
+    state_dict changes (conv biases, no BN entries): fold after loading weights. Returns ``module``.
     """
+    if module.training:
+        raise ValueError('fuse_for_inference folds eval-mode BatchNorm statistics: call module.eval() first')
     for m in module.modules():
-        if isinstance(m, _LocalContext) and isinstance(m.bn1, nn.BatchNorm2d):
-            m.conv1 = _fold_bn(m.conv1, m.bn1)
-            m.bn1 = nn.Identity()
-            m.conv2 = _fold_bn(m.conv2, m.bn2)
-            m.bn2 = nn.Identity()
+        if isinstance(m, _LocalContext):
+            m.fuse()
     return module
