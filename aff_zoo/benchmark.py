@@ -147,14 +147,20 @@ def _sync(device: torch.device):
         torch.cuda.synchronize(device)
 
 
+# ``wall``: elapsed time. ``cpu``: CPU seconds of this process (all its threads); on a CPU shared with
+# other jobs and with ``--threads 1`` it counts the work done rather than the time spent waiting for a core.
+CLOCKS = {'wall': time.perf_counter, 'cpu': time.process_time}
+_clock = time.perf_counter
+
+
 def _time(fn: Callable[[], object], iters: int, device: torch.device) -> float:
-    """Seconds per call of ``fn`` over ``iters`` calls."""
+    """Seconds per call of ``fn`` over ``iters`` calls, on the chosen clock."""
     _sync(device)
-    t0 = time.perf_counter()
+    t0 = _clock()
     for _ in range(iters):
         fn()
     _sync(device)
-    return (time.perf_counter() - t0) / iters
+    return (_clock() - t0) / iters
 
 
 def _rss_mb() -> float:
@@ -504,18 +510,24 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument('--no-fuse', action='store_true', help="don't fold MS-CAM BatchNorms for inference")
     p.add_argument('--threads', type=int, default=None,
                    help='torch threads (on a loaded shared CPU, 1 thread gives steadier figures)')
+    p.add_argument('--clock', choices=list(CLOCKS), default='wall',
+                   help='wall time, or CPU time of this process (steadier on a shared CPU with --threads 1)')
     p.add_argument('--repeats', type=int, default=5)
     p.add_argument('--iters', type=int, default=2, help='timed calls per model per repetition')
     p.add_argument('--out', default='benchmark', help='output path stem: writes <out>-<suite>.json/.csv/.md')
 
 
 def run(args) -> int:
+    global _clock
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.clock == 'cpu' and args.device != 'cpu':
+        raise ValueError('--clock cpu only makes sense with --device cpu')
+    _clock = CLOCKS[args.clock]
     dev = torch.device(args.device)
     meta = dict(machine=machine_line(dev), load_before=_load_line(), argv=sys.argv[1:], device=args.device,
                 amp=args.amp or 'fp32', channels_last=not args.no_channels_last, compile=args.compile,
-                fuse=not args.no_fuse, threads=torch.get_num_threads())
+                fuse=not args.no_fuse, threads=torch.get_num_threads(), clock=args.clock)
     print(f'# {meta["machine"]}\n# {meta["load_before"]}', flush=True)
     common = dict(device=args.device, amp=args.amp, channels_last=not args.no_channels_last, compile=args.compile,
                   fuse=not args.no_fuse, repeats=args.repeats, iters=args.iters)
@@ -547,7 +559,7 @@ def run(args) -> int:
         table = markdown_table(rows, cols)
         with open(f'{args.out}-{suite}.md', 'w') as f:
             f.write(f'{title}. {meta_s["amp"]}, channels_last={meta_s["channels_last"]}, '
-                    f'compile={args.compile}. Machine: {meta["machine"]}; {meta_s["load_after"]}.\n\n{table}\n')
+                    f'compile={args.compile}, clock={args.clock}. Machine: {meta["machine"]}; {meta_s["load_after"]}.\n\n{table}\n')
         print(f'\n## {title}\n{table}\n# {meta_s["load_after"]}', flush=True)
     return 0
 

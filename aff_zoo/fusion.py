@@ -53,6 +53,50 @@ def blend(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, scale: float) -> to
     return out
 
 
+class _SigmoidBlend(torch.autograd.Function):
+    """``scale * lerp(y, x, sigmoid(logits))`` with a hand-written backward for training.
+
+    Autograd's own backward of sigmoid -> lerp -> scale makes 9 full-size passes (lerp alone
+    builds ``1 - w`` in three); this one makes 6, allocates 3 and saves only ``x``, ``y`` and ``w``.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor, scale: float) -> torch.Tensor:
+        w = torch.sigmoid(logits)
+        out = torch.lerp(y, x, w)
+        if scale != 1.0:
+            out.mul_(scale)
+        ctx.save_for_backward(x, y, w)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, y, w = ctx.saved_tensors
+        own = ctx.scale != 1.0  # ``a`` is our own buffer (else it is ``grad``, which we must not overwrite)
+        a = grad * ctx.scale if own else grad
+        # dlogits = a * (x - y) * w * (1 - w), written into one new buffer
+        dlogits = torch.sub(x, y).mul_(a)
+        torch.ops.aten.sigmoid_backward.grad_input(dlogits, w, grad_input=dlogits)
+        dx = a * w
+        dy = a.sub_(dx) if own else a - dx
+        return dx, dy, dlogits, None
+
+
+def sigmoid_blend(x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor, scale: float) -> torch.Tensor:
+    """``blend(x, y, sigmoid(logits), scale)``; consumes ``logits`` (overwritten when no gradient is needed)."""
+    if torch.jit.is_scripting() or not torch.is_grad_enabled():
+        return blend(x, y, logits.sigmoid_(), scale)
+    if logits.shape == x.shape and x.shape == y.shape and x.dtype == y.dtype and y.dtype == logits.dtype:
+        return _sigmoid_blend_autograd(x, y, logits, scale)
+    return blend(x, y, torch.sigmoid(logits), scale)
+
+
+@torch.jit.unused
+def _sigmoid_blend_autograd(x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor, scale: float) -> torch.Tensor:
+    return _SigmoidBlend.apply(x, y, logits, scale)
+
+
 def _conv1x1(in_chs: int, out_chs: int, bias: bool) -> nn.Conv2d:
     return nn.Conv2d(in_chs, out_chs, kernel_size=1, bias=bias)
 
@@ -79,6 +123,12 @@ class _LocalContext(nn.Sequential):
             self.bn2 = nn.Identity()
 
 
+def _spatial_mean(x: torch.Tensor) -> torch.Tensor:
+    """N x C x H x W -> N x C mean. As ``sum * (1/HW)``: the backward of a sum is a broadcast view, that of
+    ``mean`` a full-size division whose output is NCHW even for channels_last inputs (slow mixed-format adds)."""
+    return x.sum((2, 3)) * (1.0 / (x.shape[2] * x.shape[3]))
+
+
 class _GlobalContext(nn.Module):
     """g(X) = PWConv2(ReLU(PWConv1(GAP(X)))) on the pooled vector; biases instead of BN (batch size 1)."""
 
@@ -90,7 +140,7 @@ class _GlobalContext(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # On the pooled N x C vector: two small matmuls instead of two 1x1 convolutions on 1x1 maps.
-        x = x.mean((2, 3))
+        x = _spatial_mean(x)
         x = self.act(F.linear(x, self.conv1.weight.flatten(1), self.conv1.bias))
         x = F.linear(x, self.conv2.weight.flatten(1), self.conv2.bias)
         return x[:, :, None, None]
@@ -135,6 +185,10 @@ class MSCAM(nn.Module):
         # ``logits`` is a fresh tensor nobody else holds, so the sigmoid can overwrite it.
         return self.logits(x).sigmoid_()
 
+    def blend(self, x: torch.Tensor, y: torch.Tensor, s: torch.Tensor, scale: float) -> torch.Tensor:
+        """``scale * (M(s)*x + (1-M(s))*y)`` in one step (fused sigmoid-and-blend)."""
+        return sigmoid_blend(x, y, self.logits(s), scale)
+
 
 class AddFusion(nn.Module):
     """Plain addition ``x + y``: the residual connection AFF replaces."""
@@ -155,7 +209,7 @@ class _Selection(nn.Module):
         self.scale = float(scale)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return blend(x, y, self.att(x + y), self.scale)
+        return self.att.blend(x, y, x + y, self.scale)
 
 
 class AFF(_Selection):
@@ -184,11 +238,14 @@ class _TwoWaySoftmax(nn.Module):
         self.conv2 = _conv1x1(hidden, 2 * channels, bias=True)
 
     def forward(self, s: torch.Tensor) -> torch.Tensor:
-        s = s.mean((2, 3))
+        s = _spatial_mean(s)
         s = self.act(F.linear(s, self.conv1.weight.flatten(1), self.conv1.bias))
         logits = F.linear(s, self.conv2.weight.flatten(1), self.conv2.bias)
         logits = logits.view(logits.shape[0], 2, self.channels, 1, 1)
         return torch.softmax(logits, dim=1)[:, 0]
+
+    def blend(self, x: torch.Tensor, y: torch.Tensor, s: torch.Tensor, scale: float) -> torch.Tensor:
+        return blend(x, y, self.forward(s), scale)
 
 
 class SKFusion(_Selection):
@@ -222,8 +279,8 @@ class iAFF(nn.Module):
         self.scale = float(scale)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        xi = blend(x, y, self.att1(x + y), self.scale)
-        return blend(x, y, self.att2(xi), self.scale)
+        xi = self.att1.blend(x, y, x + y, self.scale)
+        return self.att2.blend(x, y, xi, self.scale)
 
 
 FUSIONS: Dict[str, Type[nn.Module]] = {

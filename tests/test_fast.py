@@ -142,3 +142,14 @@ def test_benchmark_cli_writes_tables(tmp_path):
     with pytest.raises(ValueError, match='baseline'):
         main(['benchmark', '--suite', 'cifar', '--cifar-models', 'aff_resnet8', '--cifar-baseline', 'nope',
               '--cifar-batch-size', '2', '--repeats', '1', '--iters', '1', '--out', str(out)])
+
+
+@pytest.mark.parametrize('scale', [1.0, 2.0])
+def test_sigmoid_blend_backward_is_exact(scale):
+    """The hand-written backward of the fused sigmoid-and-blend, against numerical differentiation."""
+    from aff_zoo.fusion import _SigmoidBlend
+    g = torch.Generator().manual_seed(0)
+    x, y, logits = (torch.randn(2, 3, 4, 4, dtype=torch.float64, generator=g).requires_grad_() for _ in range(3))
+    assert torch.autograd.gradcheck(lambda a, b, c: _SigmoidBlend.apply(a, b, c, scale), (x, y, logits))
+    torch.testing.assert_close(_SigmoidBlend.apply(x, y, logits, scale),
+                               scale * (torch.sigmoid(logits) * x + (1 - torch.sigmoid(logits)) * y))
