@@ -8,8 +8,8 @@ one chosen baseline row.
 
 The ``Port*`` classes re-implement, from its published description (``aff_pytorch/aff_net/fusion.py``
 by @bobo0810, see the paper notes section 1.5), the module structure of the community PyTorch port:
-separate local and global ``nn.Sequential`` branches, convolutions with biases, BatchNorm in both
-branches kept as separate layers, NCHW. They live here, not in the zoo: they exist only to be
+separate local and global ``nn.Sequential`` branches, convolutions with biases, normalisation layers
+kept separate (BatchNorm; in the global branch the LayerNorm ours has where the port has BatchNorm), NCHW. They live here, not in the zoo: they exist only to be
 timed against, after ``port_from_fusion`` has copied our weights into them so that both compute
 the same function (checked before timing). Deviation from the port, so that outputs can match:
 iAFF's second stage uses its own global branch (the port's bug, its PR #27) and the output scale
@@ -50,9 +50,11 @@ DEFAULT_FUSION_SHAPES = (('aff', 1024, 14, 16), ('aff', 2048, 7, 16), ('iaff', 1
 
 def _port_branch(channels: int, hidden: int, pooled: bool) -> nn.Sequential:
     layers: List[nn.Module] = [nn.AdaptiveAvgPool2d(1)] if pooled else []
+    # The port has BatchNorm2d(hidden) in the global branch too; ours normalises the pooled hidden units
+    # with a LayerNorm (GroupNorm with one group), so the port stand-in does the same to compute our function.
     layers += [
-        nn.Conv2d(channels, hidden, 1, bias=True), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True),
-        nn.Conv2d(hidden, channels, 1, bias=True), nn.BatchNorm2d(channels),
+        nn.Conv2d(channels, hidden, 1, bias=True), nn.GroupNorm(1, hidden) if pooled else nn.BatchNorm2d(hidden),
+        nn.ReLU(inplace=True), nn.Conv2d(hidden, channels, 1, bias=True), nn.BatchNorm2d(channels),
     ]
     return nn.Sequential(*layers)
 
@@ -113,8 +115,8 @@ def _copy_mscam(att: MSCAM, local: nn.Sequential, glob: nn.Sequential):
     local[3].bias.zero_()
     local[4].load_state_dict(la.bn2.state_dict())
     glob[1].weight.copy_(ga.conv1.weight)
-    glob[1].bias.copy_(ga.conv1.bias)
-    _identity_bn(glob[2])
+    glob[1].bias.zero_()
+    glob[2].load_state_dict(ga.norm.state_dict())
     glob[4].weight.copy_(ga.conv2.weight)
     glob[4].bias.copy_(ga.conv2.bias)
     _identity_bn(glob[5])
