@@ -422,6 +422,14 @@ def benchmark_fusions(
         cases.append((f'{fusion} C={channels} {hw}x{hw} r={r}', variants))
 
     times = {(c, v): [] for c, vs in cases for v in vs}
+    n_calls = {}  # calls per timing: enough for ~50 ms, so that small modules are not timed at clock resolution
+    for case, variants in cases:
+        for label, (m, a, b) in variants.items():
+            with torch.inference_mode():
+                for _ in range(warmup):
+                    m(a, b)
+                once = _time(lambda: m(a, b), 1, dev)
+            n_calls[(case, label)] = max(iters, min(200, math.ceil(0.05 / max(once, 1e-6))))
     rounds = range(repeats)
     if progress:
         from tqdm import tqdm
@@ -432,9 +440,7 @@ def benchmark_fusions(
                 def call(m=m, a=a, b=b):
                     with torch.inference_mode():
                         return m(a, b)
-                for _ in range(warmup if not times[(case, label)] else 0):
-                    call()
-                times[(case, label)].append(_time(call, iters, dev) * 1e3)
+                times[(case, label)].append(_time(call, n_calls[(case, label)], dev) * 1e3)
     rows = []
     for case, variants in cases:
         base = statistics.median(times[(case, 'port (NCHW)')])
@@ -502,7 +508,8 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument('--batch-size', type=int, default=8, help='ImageNet inference batch (the goals use 16)')
     p.add_argument('--img-size', type=int, default=160, help='ImageNet resolution (the goals use 224)')
     p.add_argument('--train-batch-size', type=int, default=None, help='ImageNet training batch (default: --batch-size)')
-    p.add_argument('--no-imagenet-train', action='store_true', help='skip the ImageNet training step')
+    p.add_argument('--imagenet-train', action='store_true',
+                   help='also time the ImageNet training step (slow on a CPU: off by default)')
     p.add_argument('--cifar-batch-size', type=int, default=128)
     p.add_argument('--fusion-batch-size', type=int, default=16)
     p.add_argument('--device', default='cpu')
@@ -514,9 +521,30 @@ def add_arguments(p: argparse.ArgumentParser):
                    help='torch threads (on a loaded shared CPU, 1 thread gives steadier figures)')
     p.add_argument('--clock', choices=list(CLOCKS), default='wall',
                    help='wall time, or CPU time of this process (steadier on a shared CPU with --threads 1)')
-    p.add_argument('--repeats', type=int, default=5)
+    p.add_argument('--repeats', type=int, default=7)
     p.add_argument('--iters', type=int, default=2, help='timed calls per model per repetition')
     p.add_argument('--out', default='benchmark', help='output path stem: writes <out>-<suite>.json/.csv/.md')
+    p.add_argument('--readme', default=None,
+                   help='also write each table into this README, between <!-- speed-<suite>:start/end --> markers')
+
+
+def _command(args) -> str:
+    """The ``aff-zoo benchmark`` command line that reproduces ``args`` (options that differ from the defaults)."""
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    defaults = vars(p.parse_args([]))
+    parts = ['aff-zoo benchmark']
+    for action in p._actions:
+        key = action.dest
+        if key == 'help' or getattr(args, key, None) == defaults.get(key) or key in ('readme', 'out'):
+            continue
+        value = getattr(args, key)
+        flag = action.option_strings[0]
+        if isinstance(value, bool):
+            parts.append(flag)
+        else:
+            parts += [flag, *map(str, value if isinstance(value, list) else [value])]
+    return ' '.join(parts)
 
 
 def run(args) -> int:
@@ -527,7 +555,7 @@ def run(args) -> int:
         raise ValueError('--clock cpu only makes sense with --device cpu')
     _clock = CLOCKS[args.clock]
     dev = torch.device(args.device)
-    meta = dict(machine=machine_line(dev), load_before=_load_line(), argv=sys.argv[1:], device=args.device,
+    meta = dict(machine=machine_line(dev), load_before=_load_line(), command=_command(args), device=args.device,
                 amp=args.amp or 'fp32', channels_last=not args.no_channels_last, compile=args.compile,
                 fuse=not args.no_fuse, threads=torch.get_num_threads(), clock=args.clock)
     print(f'# {meta["machine"]}\n# {meta["load_before"]}', flush=True)
@@ -545,7 +573,7 @@ def run(args) -> int:
                 f'(same weights, outputs checked equal)')
         elif suite == 'imagenet':
             rows = benchmark_models(args.imagenet_models, batch_size=args.batch_size, img_size=args.img_size,
-                                    train=not args.no_imagenet_train, train_batch_size=args.train_batch_size, **common)
+                                    train=args.imagenet_train, train_batch_size=args.train_batch_size, **common)
             add_ratios(rows, args.imagenet_baseline, ('infer_img_s', 'train_img_s'))
             cols, title = MODEL_COLUMNS, (
                 f'ImageNet-size, batch {args.batch_size}, {args.img_size}x{args.img_size}, ratios (_x) to '
@@ -559,9 +587,19 @@ def run(args) -> int:
         meta_s = dict(meta, suite=suite, title=title, load_after=_load_line())
         _write(rows, f'{args.out}-{suite}', meta_s)
         table = markdown_table(rows, cols)
+        text = (f'{title}. {meta_s["amp"]}, channels_last={meta_s["channels_last"]}, compile={args.compile}, '
+                f'clock={args.clock}, {args.repeats} repetitions. Machine: {meta["machine"]}; '
+                f'{meta_s["load_before"]} before, {meta_s["load_after"]} after.\n\n{table}\n')
         with open(f'{args.out}-{suite}.md', 'w') as f:
-            f.write(f'{title}. {meta_s["amp"]}, channels_last={meta_s["channels_last"]}, '
-                    f'compile={args.compile}, clock={args.clock}. Machine: {meta["machine"]}; {meta_s["load_after"]}.\n\n{table}\n')
+            f.write(text)
+        if args.readme:
+            from .docs import replace_section
+            with open(args.readme) as f:
+                readme = f.read()
+            readme = replace_section(readme, f'speed-{suite}', f'Command: `{_command(args)}`\n\n{text}')
+            with open(args.readme + '.tmp', 'w') as f:
+                f.write(readme)
+            os.replace(args.readme + '.tmp', args.readme)
         print(f'\n## {title}\n{table}\n# {meta_s["load_after"]}', flush=True)
     return 0
 
