@@ -195,6 +195,25 @@ def _peak_growth_mb(fn: Callable[[], object], device: torch.device) -> float:
         return float('nan')
 
 
+def _saved_mb(model: nn.Module, x: torch.Tensor) -> float:
+    """MB of distinct tensors autograd saves for backward in one training forward: the activation memory
+    of a training step, exactly and on any device (RSS growth on a CPU is blurred by the allocator)."""
+    seen: Dict[object, int] = {}
+
+    def pack(t: torch.Tensor):
+        try:
+            key = (t.untyped_storage().data_ptr(), t.device)
+            seen[key] = max(seen.get(key, 0), t.untyped_storage().nbytes())
+        except (RuntimeError, NotImplementedError):
+            pass
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x)
+    del out
+    return sum(seen.values()) / 2 ** 20
+
+
 def _gmacs(model: nn.Module, x: torch.Tensor) -> float:
     """Multiply-accumulates of one forward pass (torch's FLOP counter; 1 MAC = 2 FLOPs), per image, in G."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -262,6 +281,7 @@ def benchmark_models(
         train: bool = True,
         train_batch_size: Optional[int] = None,
         warmup: int = 2,
+        grad_checkpointing: bool = False,
         progress: bool = True,
 ) -> List[Dict[str, object]]:
     """Time every model in ``names`` side by side; one result dict per model (figures: medians over ``repeats``).
@@ -285,6 +305,8 @@ def benchmark_models(
         model = timm.create_model(name, num_classes=num_classes, in_chans=in_chans)
         model = _prepare(model, dev, channels_last)
         n_params = sum(p.numel() for p in model.parameters())
+        if grad_checkpointing:
+            model.set_grad_checkpointing(True)
         ours = name in _zoo_names()
         eval_model = timm.create_model(name, num_classes=num_classes, in_chans=in_chans)
         eval_model.load_state_dict(model.state_dict())
@@ -321,6 +343,9 @@ def benchmark_models(
         row['infer_mem_mb'] = _peak_growth_mb(infer, dev)
         if train:
             row['train_mem_mb'] = _peak_growth_mb(step, dev)
+            model.train()
+            with _autocast(dev, amp):
+                row['saved_mb'] = _saved_mb(run_train, xt)
         rows.append(row)
         infer_fns.append(infer), lat_fns.append(latency), train_fns.append(step)
 
@@ -473,7 +498,7 @@ def markdown_table(rows: List[Dict[str, object]], columns: Sequence[str]) -> str
 
 MODEL_COLUMNS = (
     'model', 'params_m', 'gmacs', 'infer_img_s', 'infer_spread_pct', 'infer_img_s_x', 'latency_ms_median',
-    'latency_ms_p90', 'train_img_s', 'train_spread_pct', 'train_img_s_x', 'infer_mem_mb', 'train_mem_mb')
+    'latency_ms_p90', 'train_img_s', 'train_spread_pct', 'train_img_s_x', 'infer_mem_mb', 'train_mem_mb', 'saved_mb')
 FUSION_COLUMNS = ('case', 'name', 'ms_median', 'spread_pct', 'speedup_vs_port')
 
 
@@ -516,6 +541,8 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument('--amp', choices=['bf16', 'fp16'], default=None, help='autocast dtype (default: float32)')
     p.add_argument('--no-channels-last', action='store_true')
     p.add_argument('--compile', action='store_true', help='torch.compile every model')
+    p.add_argument('--grad-checkpointing', action='store_true',
+                   help='train with gradient checkpointing (timm set_grad_checkpointing): less memory, more time')
     p.add_argument('--no-fuse', action='store_true', help="don't fold MS-CAM BatchNorms for inference")
     p.add_argument('--threads', type=int, default=None,
                    help='torch threads (on a loaded shared CPU, 1 thread gives steadier figures)')
@@ -525,7 +552,8 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument('--iters', type=int, default=2, help='timed calls per model per repetition')
     p.add_argument('--out', default='benchmark', help='output path stem: writes <out>-<suite>.json/.csv/.md')
     p.add_argument('--readme', default=None,
-                   help='also write each table into this README, between <!-- speed-<suite>:start/end --> markers')
+                   help='also write each table into this README, between <!-- speed-<suite><suffix>:start/end --> markers')
+    p.add_argument('--readme-suffix', default='', help='suffix of the README section names (e.g. -full)')
 
 
 def _command(args) -> str:
@@ -536,7 +564,7 @@ def _command(args) -> str:
     parts = ['aff-zoo benchmark']
     for action in p._actions:
         key = action.dest
-        if key == 'help' or getattr(args, key, None) == defaults.get(key) or key in ('readme', 'out'):
+        if key == 'help' or getattr(args, key, None) == defaults.get(key) or key in ('readme', 'readme_suffix', 'out'):
             continue
         value = getattr(args, key)
         flag = action.option_strings[0]
@@ -560,7 +588,8 @@ def run(args) -> int:
                 fuse=not args.no_fuse, threads=torch.get_num_threads(), clock=args.clock)
     print(f'# {meta["machine"]}\n# {meta["load_before"]}', flush=True)
     common = dict(device=args.device, amp=args.amp, channels_last=not args.no_channels_last, compile=args.compile,
-                  fuse=not args.no_fuse, repeats=args.repeats, iters=args.iters)
+                  fuse=not args.no_fuse, repeats=args.repeats, iters=args.iters,
+                  grad_checkpointing=args.grad_checkpointing)
     for models, baseline, suite in ((args.imagenet_models, args.imagenet_baseline, 'imagenet'),
                                     (args.cifar_models, args.cifar_baseline, 'cifar')):
         if suite in args.suite and baseline not in models:
@@ -596,7 +625,7 @@ def run(args) -> int:
             from .docs import replace_section
             with open(args.readme) as f:
                 readme = f.read()
-            readme = replace_section(readme, f'speed-{suite}', f'Command: `{_command(args)}`\n\n{text}')
+            readme = replace_section(readme, f'speed-{suite}{args.readme_suffix}', f'Command: `{_command(args)}`\n\n{text}')
             with open(args.readme + '.tmp', 'w') as f:
                 f.write(readme)
             os.replace(args.readme + '.tmp', args.readme)

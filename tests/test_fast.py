@@ -126,6 +126,12 @@ def test_benchmark_smoke(tmp_path):
     for r in rows:
         assert r['infer_img_s'] > 0 and r['train_img_s'] > 0 and r['gmacs'] > 0
     assert rows[1]['params_m'] > rows[0]['params_m']
+    assert rows[1]['saved_mb'] > rows[0]['saved_mb'] > 0  # AFF keeps more activations for backward
+    from aff_zoo.benchmark import _saved_mb
+    model, x = timm.create_model('aff_resnet8').train(), torch.randn(2, 3, 32, 32)
+    full = _saved_mb(model, x)
+    model.set_grad_checkpointing(True)
+    assert 0 < _saved_mb(model, x) < full
     fusion_rows = benchmark_fusions(shapes=(('iaff', 16, 4, 4),), batch_size=2, repeats=1, iters=1, progress=False)
     assert {r['name'] for r in fusion_rows} >= {'port (NCHW)', 'ours fused (channels_last)'}
 
