@@ -159,3 +159,15 @@ def test_sigmoid_blend_backward_is_exact(scale):
     assert torch.autograd.gradcheck(lambda a, b, c: _SigmoidBlend.apply(a, b, c, scale), (x, y, logits))
     torch.testing.assert_close(_SigmoidBlend.apply(x, y, logits, scale),
                                scale * (torch.sigmoid(logits) * x + (1 - torch.sigmoid(logits)) * y))
+
+
+def test_plain_stages_compute_timms_resnet50d():
+    """With every stage adding, our ImageNet model runs timm's own resnet50d computation (same weights,
+    same outputs), so benchmark ratios against resnet50d measure the fusion and nothing else."""
+    torch.manual_seed(0)
+    peer = timm.create_model('resnet50d', num_classes=5).eval()
+    ours = timm.create_model('aff_resnet50', fusion='add', num_classes=5).eval()
+    ours.load_state_dict(peer.state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), peer(x))
