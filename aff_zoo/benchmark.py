@@ -76,23 +76,17 @@ class PortAFF(nn.Module):
         return self.scale * x * wei + self.scale * residual * (1 - wei)
 
 
-class PortiAFF(nn.Module):
+class PortiAFF(PortAFF):
     """The port's iAFF (with ``global_att2`` used, as in MXNet), two stages of the same structure."""
 
     def __init__(self, channels: int, r: int = 4, scale: float = 2.0, hidden: Optional[int] = None):
-        super().__init__()
-        hidden = hidden or bottleneck_width(channels, r)
-        self.local_att = _port_branch(channels, hidden, pooled=False)
-        self.global_att = _port_branch(channels, hidden, pooled=True)
+        super().__init__(channels, r, scale, hidden)
+        hidden = self.local_att[0].out_channels
         self.local_att2 = _port_branch(channels, hidden, pooled=False)
         self.global_att2 = _port_branch(channels, hidden, pooled=True)
-        self.sigmoid = nn.Sigmoid()
-        self.scale = scale
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        xa = x + residual
-        wei = self.sigmoid(self.local_att(xa) + self.global_att(xa))
-        xi = self.scale * x * wei + self.scale * residual * (1 - wei)
+        xi = super().forward(x, residual)
         wei2 = self.sigmoid(self.local_att2(xi) + self.global_att2(xi))
         return self.scale * x * wei2 + self.scale * residual * (1 - wei2)
 

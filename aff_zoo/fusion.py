@@ -21,6 +21,10 @@ Design decisions, each tested in ``tests/test_fusion.py``:
 * **No dead parameters.** Convolutions followed by BatchNorm carry no bias (its gradient is
   zero); iAFF's second MS-CAM has its own local *and* global branch, both used (the existing
   PyTorch port leaves the second global branch unused).
+* **Speed** (``tests/test_fast.py``; measured by ``aff-zoo benchmark``, see the README's Speed
+  section): the global branch runs on the pooled N x C matrix, the sigmoid and the blend are one
+  step (``sigmoid_blend``; a hand-written backward in training), ``fuse_for_inference`` folds the
+  local branch's BatchNorms for inference.
 """
 from typing import Dict, Optional, Type
 
@@ -30,7 +34,7 @@ import torch.nn.functional as F
 
 __all__ = [
     'MSCAM', 'AFF', 'iAFF', 'AddFusion', 'SEFusion', 'SKFusion', 'LocalFusion',
-    'FUSIONS', 'create_fusion', 'bottleneck_width', 'blend', 'fuse_for_inference',
+    'FUSIONS', 'create_fusion', 'bottleneck_width', 'blend', 'sigmoid_blend', 'fuse_for_inference',
 ]
 
 
