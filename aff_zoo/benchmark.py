@@ -590,7 +590,7 @@ def run(args) -> int:
             raise ValueError(f'--{suite}-baseline {baseline!r} is not in --{suite}-models {models}; add it or pick one')
     for suite in args.suite:
         if suite == 'fusion':
-            rows = benchmark_fusions(batch_size=args.fusion_batch_size, device=args.device, repeats=args.repeats + 2)
+            rows = benchmark_fusions(batch_size=args.fusion_batch_size, device=args.device, repeats=args.repeats)
             cols, title = FUSION_COLUMNS, (
                 f'Fusion modules, eval, batch {args.fusion_batch_size}, fp32: ours vs the port\'s structure '
                 f'(same weights, outputs checked equal)')
