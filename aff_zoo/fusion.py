@@ -21,6 +21,10 @@ Design decisions, each tested in ``tests/test_fusion.py``:
 * **No dead parameters.** Convolutions followed by BatchNorm carry no bias (its gradient is
   zero); iAFF's second MS-CAM has its own local *and* global branch, both used (the existing
   PyTorch port leaves the second global branch unused).
+* **Speed** (``tests/test_fast.py``; measured by ``aff-zoo benchmark``, see the README's Speed
+  section): the global branch runs on the pooled N x C matrix, the sigmoid and the blend are one
+  step (``sigmoid_blend``; a hand-written backward in training), ``fuse_for_inference`` folds the
+  local branch's BatchNorms for inference.
 """
 from typing import Dict, Optional, Type
 
@@ -30,7 +34,7 @@ import torch.nn.functional as F
 
 __all__ = [
     'MSCAM', 'AFF', 'iAFF', 'AddFusion', 'SEFusion', 'SKFusion', 'LocalFusion',
-    'FUSIONS', 'create_fusion', 'bottleneck_width', 'blend', 'fuse_for_inference',
+    'FUSIONS', 'create_fusion', 'bottleneck_width', 'blend', 'sigmoid_blend', 'fuse_for_inference',
 ]
 
 
@@ -42,11 +46,59 @@ def bottleneck_width(channels: int, r: int, min_channels: int = 4) -> int:
 
 
 def blend(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, scale: float) -> torch.Tensor:
-    """``scale * (w*x + (1-w)*y)``, written as ``y + w*(x-y)`` to keep one fewer full-size temporary."""
-    out = torch.addcmul(y, w, x - y)
+    """``scale * (w*x + (1-w)*y)`` as ``lerp(y, x, w) * scale``: one pass and no temporary for ``x - y``
+    (``torch.lerp``), then an in-place scale (the lerp's output is not saved for backward)."""
+    if x.dtype == y.dtype and y.dtype == w.dtype:
+        out = torch.lerp(y, x, w)
+    else:  # mixed precision without autocast: addcmul promotes, lerp would refuse
+        out = torch.addcmul(y, w, x - y)
     if scale != 1.0:
-        out = out * scale
+        out = out.mul_(scale)
     return out
+
+
+class _SigmoidBlend(torch.autograd.Function):
+    """``scale * lerp(y, x, sigmoid(logits))`` with a hand-written backward for training.
+
+    Autograd's own backward of sigmoid -> lerp -> scale makes 9 full-size passes (lerp alone
+    builds ``1 - w`` in three); this one makes 6, allocates 3 and saves only ``x``, ``y`` and ``w``.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor, scale: float) -> torch.Tensor:
+        w = torch.sigmoid(logits)
+        out = torch.lerp(y, x, w)
+        if scale != 1.0:
+            out.mul_(scale)
+        ctx.save_for_backward(x, y, w)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, y, w = ctx.saved_tensors
+        own = ctx.scale != 1.0  # ``a`` is our own buffer (else it is ``grad``, which we must not overwrite)
+        a = grad * ctx.scale if own else grad
+        # dlogits = a * (x - y) * w * (1 - w), written into one new buffer
+        dlogits = torch.sub(x, y).mul_(a)
+        torch.ops.aten.sigmoid_backward.grad_input(dlogits, w, grad_input=dlogits)
+        dx = a * w
+        dy = a.sub_(dx) if own else a - dx
+        return dx, dy, dlogits, None
+
+
+def sigmoid_blend(x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor, scale: float) -> torch.Tensor:
+    """``blend(x, y, sigmoid(logits), scale)``; consumes ``logits`` (overwritten when no gradient is needed)."""
+    if torch.jit.is_scripting() or not torch.is_grad_enabled():
+        return blend(x, y, logits.sigmoid_(), scale)
+    if logits.shape == x.shape and x.shape == y.shape and x.dtype == y.dtype and y.dtype == logits.dtype:
+        return _sigmoid_blend_autograd(x, y, logits, scale)
+    return blend(x, y, torch.sigmoid(logits), scale)
+
+
+@torch.jit.unused
+def _sigmoid_blend_autograd(x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor, scale: float) -> torch.Tensor:
+    return _SigmoidBlend.apply(x, y, logits, scale)
 
 
 def _conv1x1(in_chs: int, out_chs: int, bias: bool) -> nn.Conv2d:
@@ -63,6 +115,22 @@ class _LocalContext(nn.Sequential):
         self.act = nn.ReLU(inplace=True)
         self.conv2 = _conv1x1(hidden, channels, bias=False)
         self.bn2 = nn.BatchNorm2d(channels)
+
+    @torch.no_grad()
+    def fuse(self):
+        """Fold both BatchNorms (eval statistics) into the convolutions; BNs become ``Identity``. Idempotent."""
+        if isinstance(self.bn1, nn.BatchNorm2d):
+            self.conv1 = _fold_bn(self.conv1, self.bn1)
+            self.bn1 = nn.Identity()
+        if isinstance(self.bn2, nn.BatchNorm2d):
+            self.conv2 = _fold_bn(self.conv2, self.bn2)
+            self.bn2 = nn.Identity()
+
+
+def _spatial_mean(x: torch.Tensor) -> torch.Tensor:
+    """N x C x H x W -> N x C mean. As ``sum * (1/HW)``: the backward of a sum is a broadcast view, that of
+    ``mean`` a full-size division whose output is NCHW even for channels_last inputs (slow mixed-format adds)."""
+    return x.sum((2, 3)) * (1.0 / (x.shape[2] * x.shape[3]))
 
 
 class _GlobalContext(nn.Module):
@@ -82,11 +150,14 @@ class _GlobalContext(nn.Module):
         self.conv2 = _conv1x1(hidden, channels, bias=True)
 
     def context(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.mean((2, 3), keepdim=True)
-        return self.conv2(self.act(self.norm(self.conv1(x))))
+        """The N x C' vector of global logits. Computed on the pooled N x C matrix: two small matmuls
+        (the 1x1 convolutions' weights as matrices) instead of convolutions over 1x1 maps."""
+        x = _spatial_mean(x)
+        x = self.act(self.norm(F.linear(x, self.conv1.weight.flatten(1), self.conv1.bias)))
+        return F.linear(x, self.conv2.weight.flatten(1), self.conv2.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.context(x)
+        return self.context(x)[:, :, None, None]
 
 
 class MSCAM(nn.Module):
@@ -117,14 +188,20 @@ class MSCAM(nn.Module):
         if x.dim() != 4 or x.shape[1] != self.channels:
             raise ValueError(f'MSCAM expects an N x {self.channels} x H x W tensor, got shape {list(x.shape)}')
         if self.local_att is not None and self.global_att is not None:
-            return self.local_att(x) + self.global_att(x)
+            # In place: the local branch's last output (BN or, once fused, conv) is not saved for backward.
+            return self.local_att(x).add_(self.global_att(x))
         if self.local_att is not None:
             return self.local_att(x)
         assert self.global_att is not None
         return self.global_att(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.logits(x))
+        # ``logits`` is a fresh tensor nobody else holds, so the sigmoid can overwrite it.
+        return self.logits(x).sigmoid_()
+
+    def blend(self, x: torch.Tensor, y: torch.Tensor, s: torch.Tensor, scale: float) -> torch.Tensor:
+        """``scale * (M(s)*x + (1-M(s))*y)`` in one step (fused sigmoid-and-blend)."""
+        return sigmoid_blend(x, y, self.logits(s), scale)
 
 
 class AddFusion(nn.Module):
@@ -146,7 +223,7 @@ class _Selection(nn.Module):
         self.scale = float(scale)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return blend(x, y, self.att(x + y), self.scale)
+        return self.att.blend(x, y, x + y, self.scale)
 
 
 class AFF(_Selection):
@@ -175,6 +252,9 @@ class _TwoWaySoftmax(_GlobalContext):
         logits = self.context(s)
         logits = logits.view(logits.shape[0], 2, self.channels, 1, 1)
         return torch.softmax(logits, dim=1)[:, 0]
+
+    def blend(self, x: torch.Tensor, y: torch.Tensor, s: torch.Tensor, scale: float) -> torch.Tensor:
+        return blend(x, y, self.forward(s), scale)
 
 
 class SKFusion(_Selection):
@@ -208,8 +288,8 @@ class iAFF(nn.Module):
         self.scale = float(scale)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        xi = blend(x, y, self.att1(x + y), self.scale)
-        return blend(x, y, self.att2(xi), self.scale)
+        xi = self.att1.blend(x, y, x + y, self.scale)
+        return self.att2.blend(x, y, xi, self.scale)
 
 
 FUSIONS: Dict[str, Type[nn.Module]] = {
@@ -230,20 +310,23 @@ def create_fusion(name: str, channels: int, r: int = 4, scale: float = 2.0) -> n
 
 
 def _fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
-    """A 1x1 convolution with ``bn`` (eval statistics) folded into its weight and bias."""
-    return torch.nn.utils.fusion.fuse_conv_bn_eval(conv.eval(), bn.eval())
+    """A 1x1 convolution with ``bn`` (eval statistics) folded into its weight and bias (memory format kept)."""
+    channels_last = conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+    fused = torch.nn.utils.fusion.fuse_conv_bn_eval(conv.eval(), bn.eval())
+    return fused.to(memory_format=torch.channels_last) if channels_last else fused
 
 
 def fuse_for_inference(module: nn.Module) -> nn.Module:
-    """Fold every BatchNorm of every MS-CAM local branch into its 1x1 convolutions, in place.
+    """Fold every BatchNorm of every MS-CAM local branch into its 1x1 convolutions, in place; idempotent.
 
-    For inference only: the folded module computes the same function as the eval-mode original
-    (to float rounding) with two fewer passes over each full-size tensor. Returns ``module``.
+    For inference only (the module must be in eval mode: the running statistics are folded in, so
+    training the result would train a different network): the folded module computes the eval-mode
+    original's function (to float rounding) without two passes over each full-size tensor. The
+    state_dict changes (conv biases, no BN entries): fold after loading weights. Returns ``module``.
     """
+    if module.training:
+        raise ValueError('fuse_for_inference folds eval-mode BatchNorm statistics: call module.eval() first')
     for m in module.modules():
-        if isinstance(m, _LocalContext) and isinstance(m.bn1, nn.BatchNorm2d):
-            m.conv1 = _fold_bn(m.conv1, m.bn1)
-            m.bn1 = nn.Identity()
-            m.conv2 = _fold_bn(m.conv2, m.bn2)
-            m.bn2 = nn.Identity()
+        if isinstance(m, _LocalContext):
+            m.fuse()
     return module

@@ -18,7 +18,7 @@ import torch.nn as nn
 from timm.models import register_model
 from timm.models.resnet import Bottleneck, ResNet
 
-from ..fusion import create_fusion
+from ..fusion import AddFusion, create_fusion
 from ._builder import build_aff_model, imagenet_cfg, make_default_cfgs
 
 __all__ = ['FusionBottleneck', 'AFFResNet']
@@ -55,7 +55,10 @@ class FusionBottleneck(Bottleneck):
 
         if self.downsample is not None:
             shortcut = self.downsample(shortcut)
-        x = self.fusion(shortcut, x)
+        if isinstance(self.fusion, AddFusion):
+            x += shortcut  # timm's own in-place residual addition: plain stages cost exactly what timm's do
+        else:
+            x = self.fusion(shortcut, x)
         x = self.act3(x)
         return x
 
