@@ -2,6 +2,8 @@
 and one ``build_aff_model`` that turns a bad tag or a missing weight into a clear error."""
 from typing import Any, Callable, Dict, Optional
 
+import torch
+
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg
 
@@ -60,4 +62,24 @@ def build_aff_model(model_cls, variant: str, pretrained: bool, feature_cfg: Opti
                 f'Tags with weights: {", ".join(available_tags()) or "none yet"}. '
                 f'Use pretrained=False, pick one of those tags, or pass '
                 f'pretrained_cfg_overlay=dict(file="/path/to/model.safetensors").')
+    # features_only runs forward_intermediates (timm's 'getter'): one feature code path, with its input checks.
+    feature_cfg = dict(dict(feature_cls='getter'), **(feature_cfg or {}))
     return build_model_with_cfg(model_cls, variant, pretrained, feature_cfg=feature_cfg, **kwargs)
+
+
+def check_image_batch(x: torch.Tensor, in_chans: int, min_size: int) -> None:
+    """One clear error for the two usual input mistakes: wrong channel count, image below the total stride.
+
+    TorchScript-compatible (string concatenation, no f-strings), so it can sit in ``forward_features``.
+    """
+    if x.dim() != 4 or x.shape[1] != in_chans:
+        raise ValueError(
+            'Expected an N x ' + str(in_chans) + ' x H x W image batch, got shape ' + str(list(x.shape)) + '. '
+            'Create the model with in_chans=<your channel count> to use other inputs '
+            '(pretrained stem weights are then adapted by timm).')
+    if x.shape[2] < min_size or x.shape[3] < min_size:
+        raise ValueError(
+            'Input of ' + str(x.shape[2]) + 'x' + str(x.shape[3]) + ' pixels is smaller than the network\'s '
+            'total stride (' + str(min_size) + '): the deepest feature map would be empty or a single padded '
+            'pixel. Resize the images to at least ' + str(min_size) + 'x' + str(min_size)
+            + ' (ideally the pretrained input size).')
