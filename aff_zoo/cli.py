@@ -6,7 +6,7 @@ import sys
 from typing import List, Optional
 
 # Modules that define ``register_cli(subparsers)``; each adds its own subcommand(s).
-_COMMAND_MODULES: List[str] = []
+_COMMAND_MODULES: List[str] = ['aff_zoo.export']
 
 
 def _cmd_list(args) -> int:
