@@ -14,10 +14,10 @@ Design decisions, each tested in ``tests/test_fusion.py``:
   and (by oversight, their issue #13) 1 for iAFF; here AFF, iAFF, SK-style and local-only all
   share one ``scale`` argument and one default. iAFF's first (inner) AFF uses the same scale,
   since its output stands in for ``x + y``. Pass ``scale=1.0`` for the paper's Eq. 4-5.
-* **Batch size 1.** The global branch has no BatchNorm (biases instead, as in SENet): after
-  global pooling a batch of N holds only N values per channel, so BN there fails at N=1 in
-  training (the authors' issues #15/#43/#44) and is noisy for small N. The local branch works
-  at full resolution and keeps its BatchNorms.
+* **Batch size 1.** The global branch normalises with a LayerNorm over its hidden units instead
+  of BatchNorm: after global pooling a batch of N holds only N values per channel, so BN there
+  fails at N=1 in training (the authors' issues #15/#43/#44) and is noisy for small N. The local
+  branch works at full resolution and keeps its BatchNorms.
 * **No dead parameters.** Convolutions followed by BatchNorm carry no bias (its gradient is
   zero); iAFF's second MS-CAM has its own local *and* global branch, both used (the existing
   PyTorch port leaves the second global branch unused).
@@ -66,17 +66,27 @@ class _LocalContext(nn.Sequential):
 
 
 class _GlobalContext(nn.Module):
-    """g(X) = PWConv2(ReLU(PWConv1(GAP(X)))) on the pooled vector; biases instead of BN (batch size 1)."""
+    """g(X) = PWConv2(ReLU(LN(PWConv1(GAP(X))))) on the pooled vector.
+
+    The paper has BN where we have LN (a LayerNorm over the C/r hidden units of each sample):
+    BN after global pooling fails at batch size 1. Dropping the norm altogether is worse: with
+    a bottleneck of 4 units, all of them start inactive in about 1 of 16 MS-CAMs and that
+    branch never gets a gradient; normalising across the units keeps some of them active.
+    """
 
     def __init__(self, channels: int, hidden: int):
         super().__init__()
-        self.conv1 = _conv1x1(channels, hidden, bias=True)
+        self.conv1 = _conv1x1(channels, hidden, bias=False)
+        self.norm = nn.GroupNorm(1, hidden)
         self.act = nn.ReLU(inplace=True)
         self.conv2 = _conv1x1(hidden, channels, bias=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def context(self, x: torch.Tensor) -> torch.Tensor:
         x = x.mean((2, 3), keepdim=True)
-        return self.conv2(self.act(self.conv1(x)))
+        return self.conv2(self.act(self.norm(self.conv1(x))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.context(x)
 
 
 class MSCAM(nn.Module):
@@ -153,20 +163,16 @@ class LocalFusion(_Selection):
         super().__init__(MSCAM(channels, r, use_global=False), scale)
 
 
-class _TwoWaySoftmax(nn.Module):
+class _TwoWaySoftmax(_GlobalContext):
     """SKNet's selection weights: global context -> one logit per input and channel -> softmax over the two."""
 
     def __init__(self, channels: int, r: int):
-        super().__init__()
-        hidden = bottleneck_width(channels, r)
+        super().__init__(channels, bottleneck_width(channels, r))
         self.channels = channels
-        self.conv1 = _conv1x1(channels, hidden, bias=True)
-        self.act = nn.ReLU(inplace=True)
-        self.conv2 = _conv1x1(hidden, 2 * channels, bias=True)
+        self.conv2 = _conv1x1(self.conv2.in_channels, 2 * channels, bias=True)
 
     def forward(self, s: torch.Tensor) -> torch.Tensor:
-        s = s.mean((2, 3), keepdim=True)
-        logits = self.conv2(self.act(self.conv1(s)))
+        logits = self.context(s)
         logits = logits.view(logits.shape[0], 2, self.channels, 1, 1)
         return torch.softmax(logits, dim=1)[:, 0]
 

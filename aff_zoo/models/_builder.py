@@ -48,7 +48,11 @@ def build_aff_model(model_cls, variant: str, pretrained: bool, feature_cfg: Opti
     """``timm.build_model_with_cfg`` plus the checks timm only warns about: unknown tags and missing weights."""
     pretrained_cfg = kwargs.get('pretrained_cfg')
     if isinstance(pretrained_cfg, str) and pretrained_cfg:
-        if get_pretrained_cfg(f'{variant}.{pretrained_cfg}') is None:
+        try:
+            known = get_pretrained_cfg(f'{variant}.{pretrained_cfg}') is not None
+        except RuntimeError:  # timm: 'Invalid pretrained tag'
+            known = False
+        if not known:
             raise ValueError(
                 f'Unknown pretrained tag {pretrained_cfg!r} for {variant}. '
                 f'Tags with weights: {", ".join(available_tags(variant)) or "none yet"}. '

@@ -1,0 +1,149 @@
+"""Generic model tests in timm's manner: every registered aff_zoo model, small inputs."""
+import pytest
+import timm
+import torch
+
+import aff_zoo
+from aff_zoo.models import CIFAR_MODELS, IMAGENET_MODELS
+
+ALL_MODELS = aff_zoo.list_models()
+# ImageNet-size models run at 64x64 here (total stride 32 -> 2x2 at the last stage) to keep the suite fast.
+IMAGENET_SIZE, CIFAR_SIZE = 64, 32
+
+
+def _size(name):
+    return IMAGENET_SIZE if name in IMAGENET_MODELS else CIFAR_SIZE
+
+
+def _create(name, **kwargs):
+    torch.manual_seed(0)
+    return timm.create_model(name, **kwargs)
+
+
+def test_registry_lists_every_model():
+    assert len(IMAGENET_MODELS) == 8 and len(CIFAR_MODELS) == 30
+    registered = set(timm.list_models())
+    assert set(ALL_MODELS) <= registered
+    assert set(timm.list_models('*aff*')) >= {m for m in ALL_MODELS if 'aff' in m}
+    assert 'aff_resnext50' in timm.list_models('aff_*')
+    assert aff_zoo.list_models('iaff_resnet*') == ['iaff_resnet50', 'iaff_resnet101', 'iaff_resnet8',
+                                                   'iaff_resnet20', 'iaff_resnet32', 'iaff_resnet56']
+
+
+@pytest.mark.parametrize('name', ALL_MODELS)
+def test_forward_eval_deterministic_and_default_cfg(name):
+    model = _create(name).eval()
+    cfg = model.pretrained_cfg
+    s = _size(name)
+    x = torch.randn(2, 3, s, s)
+    with torch.no_grad():
+        out = model(x)
+        assert out.shape == (2, cfg['num_classes'])
+        assert torch.isfinite(out).all()
+        torch.testing.assert_close(model(x), out, rtol=0, atol=0)
+        feats = model.forward_features(x)
+        assert feats.shape[1] == model.num_features
+        assert model.forward_head(feats, pre_logits=True).shape == (2, model.num_features)
+    assert cfg['input_size'] == ((3, 224, 224) if name in IMAGENET_MODELS else (3, 32, 32))
+    for key in ('mean', 'std', 'crop_pct', 'interpolation', 'license'):
+        assert cfg.get(key), key
+    modules = dict(model.named_modules())
+    assert cfg['first_conv'] in modules and cfg['classifier'] in modules
+    assert modules[cfg['first_conv']].in_channels == 3
+    assert modules[cfg['classifier']] is model.get_classifier()
+
+
+@pytest.mark.parametrize('name', ALL_MODELS)
+def test_backward_reaches_every_parameter(name):
+    # zero_init_last zeroes the last BN of each residual branch, which blocks gradients at step 0
+    # by design; switch it off here so "every parameter gets a gradient" is a real check.
+    kwargs = dict(zero_init_last=False) if name in IMAGENET_MODELS else {}
+    model = _create(name, num_classes=5, **kwargs).train()
+    s = _size(name)
+    # Three batches, so a ReLU unit that happens to be inactive for one random batch is not reported.
+    for _ in range(3):
+        model(torch.randn(2, 3, s, s)).logsumexp(1).sum().backward()
+    dead = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert not dead, f'parameters without gradient: {dead[:10]}'
+
+
+@pytest.mark.parametrize('name', ['aff_resnet20', 'iaff_resnext20_32x4d', 'sk_resnet8', 'iaff_resnet50'])
+def test_batch_size_one_trains(name):
+    model = _create(name).train()
+    s = _size(name) * 2  # ImageNet models: 128 px keeps 4x4 at the last stage for its local BN
+    model(torch.randn(1, 3, s, s)).sum().backward()
+
+
+@pytest.mark.parametrize('name', ALL_MODELS)
+def test_torchscript(name):
+    model = _create(name).eval()
+    s = _size(name)
+    x = torch.randn(1, 3, s, s)
+    scripted = torch.jit.script(model)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), model(x))
+
+
+def test_torch_compile_smoke():
+    model = _create('aff_resnet8').eval()
+    compiled = torch.compile(model, backend='aot_eager', fullgraph=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x))
+
+
+# Paper Table 5 parameter counts (1000-class head); ours must land within 2%.
+PAPER_PARAMS = {'aff_resnet50': 30.3e6, 'aff_resnext50': 29.9e6, 'iaff_resnet50': 35.1e6, 'iaff_resnext50': 34.7e6}
+
+
+@pytest.mark.parametrize('name', sorted(PAPER_PARAMS))
+def test_parameter_count_matches_paper(name):
+    n = sum(p.numel() for p in _create(name).parameters())
+    assert abs(n - PAPER_PARAMS[name]) / PAPER_PARAMS[name] < 0.02, f'{name}: {n / 1e6:.2f} M'
+
+
+def test_plain_addition_peer_is_timm_resnet50d():
+    """With every stage adding, our ImageNet model is exactly timm's resnet50d (same parameter count)."""
+    ours = _create('aff_resnet50', fusion='add')
+    peer = timm.create_model('resnet50d')
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in peer.parameters())
+
+
+def test_timm_kwargs_behave_like_timm_resnets():
+    model = _create('aff_resnext50', num_classes=10, in_chans=1, drop_path_rate=0.1, features_only=True)
+    feats = model(torch.randn(2, 1, 64, 64))
+    assert [f.shape[1] for f in feats] == model.feature_info.channels() == [64, 256, 512, 1024, 2048]
+    assert model.feature_info.reduction() == [2, 4, 8, 16, 32]
+
+    model = _create('aff_resnet20', num_classes=100, in_chans=1, drop_path_rate=0.1)
+    assert model(torch.randn(2, 1, 32, 32)).shape == (2, 100)
+    model.reset_classifier(7)
+    assert model(torch.randn(2, 1, 32, 32)).shape == (2, 7)
+    model.reset_classifier(0)
+    assert model(torch.randn(2, 1, 32, 32)).shape == (2, model.num_features)
+
+
+@pytest.mark.parametrize('name', ['aff_resnet20', 'aff_resnet50'])
+def test_grad_checkpointing_gives_the_same_result(name):
+    model = _create(name).eval()
+    s = _size(name)
+    x = torch.randn(2, 3, s, s)
+    with torch.no_grad():
+        ref = model(x)
+        model.set_grad_checkpointing(True)
+        torch.testing.assert_close(model(x), ref)
+
+
+def test_pretrained_without_weights_is_a_clear_error():
+    with pytest.raises(RuntimeError, match='No trained weights exist for aff_resnext50'):
+        timm.create_model('aff_resnext50', pretrained=True)
+
+
+def test_unknown_tag_is_a_clear_error():
+    with pytest.raises(ValueError, match="Unknown pretrained tag 'nope' for aff_resnet20"):
+        timm.create_model('aff_resnet20.nope')
+
+
+def test_wrong_channel_count_is_a_clear_error():
+    with pytest.raises(ValueError, match='in_chans'):
+        _create('aff_resnet8')(torch.randn(1, 1, 32, 32))
