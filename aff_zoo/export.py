@@ -196,7 +196,7 @@ def _models_for(pattern: str) -> List[str]:
     if any(c in pattern for c in '*?['):
         names = aff_zoo.list_models(pattern)
         if not names:
-            raise SystemExit(f'No aff_zoo model matches {pattern!r}; see `aff-zoo list`.')
+            raise ValueError(f'No aff_zoo model matches {pattern!r}; see `aff-zoo list`.')
         return names
     return [pattern]
 
@@ -211,12 +211,8 @@ def _load(name: str, args) -> nn.Module:
         kwargs['in_chans'] = args.in_chans
     model = timm.create_model(name, pretrained=args.pretrained, **kwargs)
     if args.checkpoint:
-        if not str(args.checkpoint).endswith('.safetensors'):
-            raise SystemExit(
-                f'--checkpoint must be a .safetensors file (pickled checkpoints are never loaded), got {args.checkpoint}. '
-                'For a checkpoint folder use --model local-dir:<folder> --pretrained.')
-        from safetensors.torch import load_file
-        model.load_state_dict(load_file(str(args.checkpoint)))
+        from .finetune import load_safetensors
+        load_safetensors(model, args.checkpoint)
     return model
 
 
