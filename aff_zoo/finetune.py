@@ -304,7 +304,8 @@ def register_cli(subparsers):
                    help='without a val folder: last fraction of each class (by file name) for validation')
     p.add_argument('--img-size', type=int, default=None, help='resize images (and the model config) to this size')
     p.add_argument('--in-chans', type=int, default=3, help='input channels (1 = grey images)')
-    p.add_argument('--freeze-backbone', action='store_true', help='train the new head only')
+    p.add_argument('--freeze-backbone', action=argparse.BooleanOptionalAction, default=False,
+                   help='train the new head only (backbone weights and BatchNorm statistics frozen)')
     p.add_argument('--backbone-lr-scale', type=float, default=1.0, help='backbone step = this x lr (SGD)')
     p.add_argument('--max-imbalance', type=float, default=10.0, help='largest accepted ratio of class sizes')
     p.add_argument('--drop', type=float, default=0.0, help='dropout before the head')
