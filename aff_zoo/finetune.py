@@ -186,33 +186,23 @@ def load_finetune_data(
 ):
     """(train, val) ImageArrays: ``<path>/train`` + ``<path>/<val_split>`` folders if present, else a fixed
     per-class split of ``<path>`` (the last ``val_fraction`` of each class's images, sorted by name)."""
-    from .data import DataError, load_images, split_train_val
-    classes_on_disk = _class_folders(path, 'train')
-    try:
-        if os.path.isdir(os.path.join(path, 'train')) and os.path.isdir(os.path.join(path, val_split)):
-            train = load_images(path, split='train', progress=progress)
-            val = load_images(path, split=val_split, progress=progress)
-            if val.classes != train.classes:
-                raise ValueError(f'{path}: {val_split}/ has classes {val.classes}, train/ has {train.classes}; '
-                                 'both need the same class folders.')
-            counts = Counter(train.classes[i] for i in train.labels)
-        else:
-            data = load_images(path, split='train', progress=progress)
-            counts = Counter(data.classes[i] for i in data.labels)
-            if classes_on_disk:
-                counts.update({c: 0 for c in classes_on_disk if c not in counts})
-            check_balance(dict(counts), max_imbalance, path)
-            per_class = int(round(val_fraction * min(counts.values())))
-            if val_fraction > 0 and per_class < 1:
-                raise ValueError(f'{path}: the smallest class has {min(counts.values())} images, too few for a '
-                                 f'{val_fraction:g} validation split. Add images, or pass --val-fraction 0 to '
-                                 'validate on the training images.')
-            train, val = split_train_val(data, per_class) if per_class else (data, data)
-    except DataError as e:
-        raise ValueError(str(e)) from e
-    if classes_on_disk:
-        counts.update({c: 0 for c in classes_on_disk if c not in counts})
+    from .data import load_images, split_train_val  # their DataError is a ValueError with a clear message
+    train = load_images(path, split='train', progress=progress)
+    counts = Counter({c: 0 for c in _class_folders(path, 'train') or ()})  # empty class folders count as 0
+    counts.update(train.classes[i] for i in train.labels)
     check_balance(dict(counts), max_imbalance, path)
+    if os.path.isdir(os.path.join(path, 'train')) and os.path.isdir(os.path.join(path, val_split)):
+        val = load_images(path, split=val_split, progress=progress)
+        if val.classes != train.classes:
+            raise ValueError(f'{path}: {val_split}/ has classes {val.classes}, train/ has {train.classes}; '
+                             'both need the same class folders.')
+    else:
+        per_class = int(round(val_fraction * min(counts.values())))
+        if val_fraction > 0 and per_class < 1:
+            raise ValueError(f'{path}: the smallest class has {min(counts.values())} images, too few for a '
+                             f'{val_fraction:g} validation split. Add images, or pass --val-fraction 0 to '
+                             'validate on the training images.')
+        train, val = split_train_val(train, per_class) if per_class else (train, train)
     if img_size:
         train, val = _resize(train, img_size), (_resize(val, img_size) if val is not train else train)
     if in_chans != 3:

@@ -108,7 +108,7 @@ class AFFFPN(nn.Module):
                     + str(self.in_channels_list[i]) + ' channels there (in_channels_list='
                     + str(self.in_channels_list) + '). Build it from the backbone\'s feature_info.channels().')
 
-        last = self._inner(feats[-1], -1 + len(feats))
+        last = self._inner(feats[-1], len(feats) - 1)
         results = [self._layer(last, len(feats) - 1)]
         for idx in range(len(feats) - 2, -1, -1):
             lateral = self._inner(feats[idx], idx)
