@@ -6,7 +6,7 @@ import sys
 from typing import List, Optional
 
 # Modules that define ``register_cli(subparsers)``; each adds its own subcommand(s).
-_COMMAND_MODULES: List[str] = ['aff_zoo.train', 'aff_zoo.evaluate', 'aff_zoo.report', 'aff_zoo.hub', 'aff_zoo.benchmark']
+_COMMAND_MODULES: List[str] = ['aff_zoo.train', 'aff_zoo.evaluate', 'aff_zoo.report', 'aff_zoo.hub', 'aff_zoo.benchmark', 'aff_zoo.export', 'aff_zoo.finetune']
 
 DEFAULT_MODEL = 'aff_resnext50'
 

@@ -5,6 +5,8 @@ import sys
 import warnings
 from typing import Any, Callable, Dict, Iterable, Optional
 
+import torch
+
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg
 
@@ -94,6 +96,8 @@ def build_aff_model(model_cls, variant: str, pretrained: bool, feature_cfg: Opti
             cfg.update(file=path, source='', hf_hub_id=None, url=None, num_classes=ckpt_classes)
             _warn_head_reset(variant, path, ckpt_classes, kwargs.get('num_classes', ckpt_classes), cfg)
             kwargs.update(pretrained_cfg=cfg, pretrained_cfg_overlay=None)
+    # features_only runs forward_intermediates (timm's 'getter'): one feature code path, with its input checks.
+    feature_cfg = dict(dict(feature_cls='getter'), **(feature_cfg or {}))
     return build_model_with_cfg(model_cls, variant, pretrained, feature_cfg=feature_cfg, **kwargs)
 
 
@@ -110,3 +114,21 @@ def _warn_head_reset(variant: str, path: str, ckpt_classes: int, num_classes: in
         f'{variant}: the checkpoint has {ckpt_classes} classes, the model {num_classes}; the classifier is '
         f're-initialised (random) and these checkpoint keys are not loaded: {", ".join(skipped) or "none"}. '
         f'Fine-tune before use.', stacklevel=3)
+
+
+def check_image_batch(x: torch.Tensor, in_chans: int, min_size: int) -> None:
+    """One clear error for the two usual input mistakes: wrong channel count, image below the total stride.
+
+    TorchScript-compatible (string concatenation, no f-strings), so it can sit in ``forward_features``.
+    """
+    if x.dim() != 4 or x.shape[1] != in_chans:
+        raise ValueError(
+            'Expected an N x ' + str(in_chans) + ' x H x W image batch, got shape ' + str(list(x.shape)) + '. '
+            'Create the model with in_chans=<your channel count> to use other inputs '
+            '(pretrained stem weights are then adapted by timm).')
+    if x.shape[2] < min_size or x.shape[3] < min_size:
+        raise ValueError(
+            'Input of ' + str(x.shape[2]) + 'x' + str(x.shape[3]) + ' pixels is smaller than the network\'s '
+            'total stride (' + str(min_size) + '): the deepest feature map would be empty or a single padded '
+            'pixel. Resize the images to at least ' + str(min_size) + 'x' + str(min_size)
+            + ' (ideally the pretrained input size).')

@@ -22,7 +22,7 @@ from timm.models import checkpoint_seq, register_model
 from timm.models.resnet import make_blocks
 
 from ..fusion import FUSIONS, create_fusion
-from ._builder import build_aff_model, cifar_cfg, make_default_cfgs
+from ._builder import build_aff_model, check_image_batch, cifar_cfg, make_default_cfgs
 from .resnet import FusionBottleneck
 
 __all__ = ['PreActFusionBlock', 'CifarNet']
@@ -139,11 +139,13 @@ class CifarNet(nn.Module):
         self.norm = nn.Sequential(nn.BatchNorm2d(out_chs[-1]), nn.ReLU(inplace=True)) if preact else nn.Identity()
 
         reductions = [2 ** i for i in range(len(layers))]
-        self.feature_info = [dict(num_chs=stem_width, reduction=1, module='stem')]
+        self.total_stride = reductions[-1]
+        # Module names as timm's FeatureListNet sees them (first-level Sequentials flattened).
+        self.feature_info = [dict(num_chs=stem_width, reduction=1, module='stem.conv' if preact else 'stem.act')]
         self.feature_info += [
             dict(num_chs=c, reduction=r, module=f'stages.{i}') for i, (c, r) in enumerate(zip(out_chs, reductions))]
         if preact:
-            self.feature_info[-1]['module'] = 'norm'
+            self.feature_info[-1]['module'] = 'norm.1'
 
         self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
         self.init_weights()
@@ -173,11 +175,7 @@ class CifarNet(nn.Module):
         self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
 
     def _check_input(self, x: torch.Tensor):
-        if x.dim() != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(
-                'Expected an N x ' + str(self.in_chans) + ' x H x W image batch, got ' + str(x.dim())
-                + ' dims with ' + str(x.shape[1] if x.dim() > 1 else 0) + ' channels. '
-                'Create the model with in_chans=<your channel count> for other inputs.')
+        check_image_batch(x, self.in_chans, self.total_stride)
 
     def forward_intermediates(
             self,
@@ -200,12 +198,12 @@ class CifarNet(nn.Module):
         stages = self.stages if not stop_early else self.stages[:max_index]
         for i, stage in enumerate(stages, start=1):
             x = stage(x)
+            if i == last_idx:
+                x = self.norm(x)  # the last feature is the normalised one (pre-activation net)
             if i in take_indices:
-                intermediates.append(self.norm(x) if i == last_idx else x)
+                intermediates.append(x)
         if intermediates_only:
             return intermediates
-        if len(stages) == last_idx:
-            x = self.norm(x)
         return x, intermediates
 
     def prune_intermediate_layers(
@@ -243,7 +241,7 @@ class CifarNet(nn.Module):
 
 def _create_cifar(variant: str, pretrained: bool = False, **kwargs) -> CifarNet:
     return build_aff_model(
-        CifarNet, variant, pretrained, feature_cfg=dict(flatten_sequential=True), **kwargs)
+        CifarNet, variant, pretrained, feature_cfg=dict(flatten_sequential=True, out_indices=(0, 1, 2, 3)), **kwargs)
 
 
 _BASE_ARCHS = {

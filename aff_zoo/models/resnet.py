@@ -15,11 +15,11 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
-from timm.models import register_model
+from timm.models import checkpoint_seq, register_model
 from timm.models.resnet import Bottleneck, ResNet
 
 from ..fusion import AddFusion, create_fusion
-from ._builder import build_aff_model, imagenet_cfg, make_default_cfgs
+from ._builder import build_aff_model, check_image_batch, imagenet_cfg, make_default_cfgs
 
 __all__ = ['FusionBottleneck', 'AFFResNet']
 
@@ -78,10 +78,24 @@ class AFFResNet(ResNet):
     ):
         super().__init__(block=FusionBottleneck, layers=layers, zero_init_last=zero_init_last, **kwargs)
         self.fusion_name = fusion
+        self.in_chans = kwargs.get('in_chans', 3)
+        self.total_stride = self.feature_info[-1]['reduction']
         for stage_idx in fusion_stages:
             for block in getattr(self, f'layer{stage_idx + 1}'):
                 block.fusion = create_fusion(fusion, block.conv3.out_channels, r=fusion_r, scale=fusion_scale)
         self.init_weights(zero_init_last=zero_init_last)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """timm's ``ResNet.forward_features`` after an input check (a clear error instead of a conv shape error)."""
+        check_image_batch(x, self.in_chans, self.total_stride)
+        x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq([self.layer1, self.layer2, self.layer3, self.layer4], x, flatten=True)
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def forward_intermediates(self, x: torch.Tensor, *args, **kwargs):
+        check_image_batch(x, self.in_chans, self.total_stride)
+        return super().forward_intermediates(x, *args, **kwargs)
 
 
 def _create_aff_resnet(variant: str, pretrained: bool = False, **kwargs) -> AFFResNet:

@@ -1,0 +1,257 @@
+"""Deployment formats: TorchScript (``torch.jit.script``) and ONNX with a dynamic batch size, each checked
+against the eager model on the same input (onnxruntime for ONNX) before it is reported as written.
+
+    aff-zoo convert --model aff_resnet20 --pretrained --format both --output exported/
+
+Files are written atomically (temporary file, then ``os.replace``), so an interrupted export never
+leaves a half-written model behind.
+"""
+import argparse
+import contextlib
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+__all__ = [
+    'ExportResult', 'export_torchscript', 'export_onnx', 'check_torchscript', 'check_onnx', 'convert',
+    'register_cli']
+
+FORMATS = ('onnx', 'torchscript')
+ONNX_INPUT, ONNX_OUTPUT = 'input', 'logits'
+
+
+@dataclass
+class ExportResult:
+    """One written file and how closely it reproduces the eager model."""
+    model: str
+    format: str
+    path: str
+    max_abs_diff: float
+    max_abs_output: float
+    seconds: float
+
+
+def _atomic_target(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    os.close(fd)
+    return tmp
+
+
+def _example_input(model: nn.Module, input_size: Optional[Sequence[int]], batch: int = 2, seed: int = 0):
+    if input_size is None:
+        input_size = model.pretrained_cfg['input_size']
+    if len(input_size) == 3:
+        input_size = input_size[1:]
+    input_size = (getattr(model, 'in_chans', 3), *input_size)
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, *input_size, generator=g)
+
+
+@contextlib.contextmanager
+def _quiet_jit():
+    """TorchScript still works, but every jit call warns that it is deprecated; the README says it once."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', message=r'.*torch\.jit\.\w+` is deprecated', category=FutureWarning)
+        yield
+
+
+def export_torchscript(model: nn.Module, path) -> Path:
+    """``torch.jit.script`` the eval-mode model and save it to ``path``."""
+    path = Path(path)
+    model = model.eval()
+    tmp = _atomic_target(path)
+    try:
+        with _quiet_jit():
+            torch.jit.save(torch.jit.script(model), tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def export_onnx(
+        model: nn.Module,
+        path,
+        input_size: Optional[Sequence[int]] = None,
+        opset: int = 18,
+        exporter: str = 'dynamo',
+) -> Path:
+    """Export the eval-mode model to ONNX, batch dimension dynamic, input ``input`` and output ``logits``.
+
+    ``exporter='dynamo'`` is PyTorch's current exporter (``torch.export``); ``'legacy'`` is the older
+    TorchScript-tracing one, about ten times faster here and equally exact for these models.
+    """
+    if exporter not in ('dynamo', 'legacy'):
+        raise ValueError(f"exporter must be 'dynamo' or 'legacy', got {exporter!r}")
+    path = Path(path)
+    model = model.eval()
+    x = _example_input(model, input_size)
+    if exporter == 'dynamo':
+        kwargs = dict(dynamo=True, external_data=False,
+                      dynamic_shapes=({0: torch.export.Dim('batch', min=1, max=4096)},))
+    else:
+        kwargs = dict(dynamo=False, dynamic_axes={ONNX_INPUT: {0: 'batch'}, ONNX_OUTPUT: {0: 'batch'}})
+    tmp = _atomic_target(path)
+    try:
+        with warnings.catch_warnings():
+            # the legacy exporter traces: the input checks become constants for the exported shape (fine)
+            warnings.filterwarnings('ignore', category=torch.jit.TracerWarning)
+            warnings.filterwarnings('ignore', message='.*legacy TorchScript-based ONNX export', category=DeprecationWarning)
+            torch.onnx.export(
+                model, (x,), tmp, input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT],
+                opset_version=opset, verbose=False, **kwargs)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+@torch.no_grad()
+def check_torchscript(model: nn.Module, path, input_size=None, batch_sizes: Sequence[int] = (1, 3)) -> Tuple[float, float]:
+    """(max |scripted - eager|, max |eager|) over inputs of each batch size."""
+    with _quiet_jit():
+        loaded = torch.jit.load(str(path), map_location='cpu').eval()
+    diff = scale = 0.0
+    for i, b in enumerate(batch_sizes):
+        x = _example_input(model, input_size, batch=b, seed=i + 1)
+        ref = model.eval()(x)
+        diff = max(diff, (loaded(x) - ref).abs().max().item())
+        scale = max(scale, ref.abs().max().item())
+    return diff, scale
+
+
+@torch.no_grad()
+def check_onnx(model: nn.Module, path, input_size=None, batch_sizes: Sequence[int] = (1, 3)) -> Tuple[float, float]:
+    """(max |onnxruntime - eager|, max |eager|) over inputs of each batch size (proves the batch is dynamic)."""
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise ImportError('The ONNX check needs onnxruntime: pip install onnxruntime (or pass --no-check).') from e
+    sess = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
+    diff = scale = 0.0
+    for i, b in enumerate(batch_sizes):
+        x = _example_input(model, input_size, batch=b, seed=i + 1)
+        ref = model.eval()(x)
+        out = torch.from_numpy(sess.run([ONNX_OUTPUT], {ONNX_INPUT: x.numpy()})[0])
+        if out.shape != ref.shape:
+            raise RuntimeError(f'ONNX output shape {tuple(out.shape)} differs from eager {tuple(ref.shape)}')
+        diff = max(diff, (out - ref).abs().max().item())
+        scale = max(scale, ref.abs().max().item())
+    return diff, scale
+
+
+def convert(
+        model: nn.Module,
+        out_dir,
+        name: str,
+        formats: Sequence[str] = FORMATS,
+        input_size: Optional[Sequence[int]] = None,
+        opset: int = 18,
+        exporter: str = 'dynamo',
+        check: bool = True,
+        atol: float = 1e-4,
+) -> List[ExportResult]:
+    """Write ``out_dir/<name>.onnx`` and/or ``out_dir/<name>.torchscript.pt``; check each against ``model``.
+
+    Raises ``RuntimeError`` when a written file differs from the eager model by more than ``atol``.
+    """
+    bad = [f for f in formats if f not in FORMATS]
+    if bad:
+        raise ValueError(f'Unknown format(s) {bad}; choose from {", ".join(FORMATS)}')
+    model = model.eval()
+    results = []
+    for fmt in formats:
+        t = time.perf_counter()
+        if fmt == 'onnx':
+            path = export_onnx(model, Path(out_dir) / f'{name}.onnx', input_size, opset, exporter)
+            diff, scale = check_onnx(model, path, input_size) if check else (float('nan'), float('nan'))
+        else:
+            path = export_torchscript(model, Path(out_dir) / f'{name}.torchscript.pt')
+            diff, scale = check_torchscript(model, path, input_size) if check else (float('nan'), float('nan'))
+        results.append(ExportResult(name, fmt, str(path), diff, scale, time.perf_counter() - t))
+        if check and not diff <= atol:
+            raise RuntimeError(
+                f'{fmt} export of {name} differs from the eager model by {diff:.3g} (> {atol:g}; largest output '
+                f'{scale:.3g}). Untrained networks can have huge activations (BatchNorm statistics never '
+                f'estimated) that amplify rounding: export trained weights, or raise --atol.')
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Console command
+
+
+def _models_for(pattern: str) -> List[str]:
+    import aff_zoo
+    if any(c in pattern for c in '*?['):
+        names = aff_zoo.list_models(pattern)
+        if not names:
+            raise ValueError(f'No aff_zoo model matches {pattern!r}; see `aff-zoo list`.')
+        return names
+    return [pattern]
+
+
+def _load(name: str, args) -> nn.Module:
+    import timm
+    import aff_zoo  # noqa: F401  registers the models
+    kwargs = {}
+    if args.num_classes is not None:
+        kwargs['num_classes'] = args.num_classes
+    if args.in_chans is not None:
+        kwargs['in_chans'] = args.in_chans
+    model = timm.create_model(name, pretrained=args.pretrained, **kwargs)
+    if args.checkpoint:
+        from .finetune import load_safetensors
+        load_safetensors(model, args.checkpoint)
+    return model
+
+
+def _cmd_convert(args) -> int:
+    formats = FORMATS if args.format == 'both' else (args.format,)
+    input_size = tuple(args.input_size) if args.input_size else None
+    failed = 0
+    for name in _models_for(args.model):
+        model = _load(name, args)
+        file_name = name.split(':', 1)[-1].rstrip('/').replace('/', '_') if ':' in name else name
+        try:
+            results = convert(model, args.output, file_name, formats, input_size, args.opset, args.exporter,
+                              check=not args.no_check, atol=args.atol)
+        except RuntimeError as e:
+            print(f'FAILED {name}: {e}')
+            failed += 1
+            continue
+        for r in results:
+            print(f'{r.model:24s} {r.format:12s} max|diff| {r.max_abs_diff:.2e} (max|out| {r.max_abs_output:.2e}) '
+                  f'{r.seconds:6.1f}s  {r.path}')
+    return 1 if failed else 0
+
+
+def register_cli(sub) -> None:
+    p = sub.add_parser(
+        'convert', help='export models to ONNX / TorchScript, checked against the eager model',
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('--model', required=True,
+                   help="model name (or wildcard such as 'aff_*', or local-dir:<checkpoint folder>, hf-hub:<repo>)")
+    p.add_argument('--format', choices=(*FORMATS, 'both'), default='both')
+    p.add_argument('--output', default='exported', help='output folder')
+    p.add_argument('--pretrained', action='store_true', help='load the registered (or folder) weights')
+    p.add_argument('--checkpoint', help='a model.safetensors to load into the model')
+    p.add_argument('--num-classes', type=int, help='classifier size (must match --checkpoint)')
+    p.add_argument('--in-chans', type=int, help='input channels')
+    p.add_argument('--input-size', type=int, nargs=2, metavar=('H', 'W'),
+                   help='spatial size of the example input; default: the model\'s pretrained input size')
+    p.add_argument('--opset', type=int, default=18, help='ONNX opset')
+    p.add_argument('--exporter', choices=('dynamo', 'legacy'), default='dynamo', help='ONNX exporter')
+    p.add_argument('--atol', type=float, default=1e-4, help='largest accepted |exported - eager|')
+    p.add_argument('--no-check', action='store_true', help='skip the parity check')
+    p.set_defaults(func=_cmd_convert)

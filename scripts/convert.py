@@ -1,0 +1,10 @@
+#!/usr/bin/env python
+"""Thin wrapper: `python scripts/convert.py ARGS` == `aff-zoo convert ARGS`."""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from aff_zoo.cli import main  # noqa: E402
+
+if __name__ == '__main__':
+    sys.exit(main(['convert', *sys.argv[1:]]))
