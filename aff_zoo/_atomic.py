@@ -17,3 +17,11 @@ def atomic_write(path: str, write: Callable[[str], None]):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def atomic_write_text(path: str, text: str):
+    """``text`` to ``path``, atomically."""
+    def write(tmp):
+        with open(tmp, 'w', newline='') as f:
+            f.write(text)
+    atomic_write(path, write)

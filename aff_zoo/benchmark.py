@@ -29,6 +29,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from ._atomic import atomic_write, atomic_write_text
 from .fusion import AFF, MSCAM, bottleneck_width, create_fusion, fuse_for_inference, iAFF
 
 __all__ = [
@@ -498,17 +499,15 @@ FUSION_COLUMNS = ('case', 'name', 'ms_median', 'spread_pct', 'speedup_vs_port')
 
 def _write(rows: List[Dict[str, object]], path_stem: str, meta: Dict[str, object]):
     os.makedirs(os.path.dirname(os.path.abspath(path_stem)), exist_ok=True)
-    tmp = path_stem + '.json.tmp'
-    with open(tmp, 'w') as f:
-        json.dump(dict(meta=meta, rows=rows), f, indent=1)
-    os.replace(tmp, path_stem + '.json')
+    atomic_write_text(path_stem + '.json', json.dumps(dict(meta=meta, rows=rows), indent=1))
     keys = list(dict.fromkeys(k for r in rows for k in r))
-    tmp = path_stem + '.csv.tmp'
-    with open(tmp, 'w', newline='') as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path_stem + '.csv')
+
+    def write_csv(tmp):
+        with open(tmp, 'w', newline='') as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(rows)
+    atomic_write(path_stem + '.csv', write_csv)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -620,9 +619,7 @@ def run(args) -> int:
             with open(args.readme) as f:
                 readme = f.read()
             readme = replace_section(readme, f'speed-{suite}{args.readme_suffix}', f'Command: `{_command(args)}`\n\n{text}')
-            with open(args.readme + '.tmp', 'w') as f:
-                f.write(readme)
-            os.replace(args.readme + '.tmp', args.readme)
+            atomic_write_text(args.readme, readme)
         print(f'\n## {title}\n{table}\n# {meta_s["load_after"]}', flush=True)
     return 0
 

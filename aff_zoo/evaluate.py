@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 
 from .data import BatchLoader, DataError, ImageArrays, load_images, split_train_val
-from .train import atomic_write_text, evaluate_loader
+from ._atomic import atomic_write_text
+from .train import evaluate_loader
 
 __all__ = ['evaluate', 'load_model', 'register_cli']
 

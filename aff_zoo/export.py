@@ -8,8 +8,6 @@ leaves a half-written model behind.
 """
 import argparse
 import contextlib
-import os
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -18,6 +16,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+
+from ._atomic import atomic_write
 
 __all__ = [
     'ExportResult', 'export_torchscript', 'export_onnx', 'check_torchscript', 'check_onnx', 'convert',
@@ -36,13 +36,6 @@ class ExportResult:
     max_abs_diff: float
     max_abs_output: float
     seconds: float
-
-
-def _atomic_target(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-    os.close(fd)
-    return tmp
 
 
 def _example_input(model: nn.Module, input_size: Optional[Sequence[int]], batch: int = 2, seed: int = 0):
@@ -67,14 +60,10 @@ def export_torchscript(model: nn.Module, path) -> Path:
     """``torch.jit.script`` the eval-mode model and save it to ``path``."""
     path = Path(path)
     model = model.eval()
-    tmp = _atomic_target(path)
-    try:
-        with _quiet_jit():
-            torch.jit.save(torch.jit.script(model), tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _quiet_jit():
+        scripted = torch.jit.script(model)
+    atomic_write(str(path), lambda tmp: torch.jit.save(scripted, tmp))
     return path
 
 
@@ -100,8 +89,9 @@ def export_onnx(
                       dynamic_shapes=({0: torch.export.Dim('batch', min=1, max=4096)},))
     else:
         kwargs = dict(dynamo=False, dynamic_axes={ONNX_INPUT: {0: 'batch'}, ONNX_OUTPUT: {0: 'batch'}})
-    tmp = _atomic_target(path)
-    try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(tmp):
         with warnings.catch_warnings():
             # the legacy exporter traces: the input checks become constants for the exported shape (fine)
             warnings.filterwarnings('ignore', category=torch.jit.TracerWarning)
@@ -109,10 +99,7 @@ def export_onnx(
             torch.onnx.export(
                 model, (x,), tmp, input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT],
                 opset_version=opset, verbose=False, **kwargs)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(str(path), write)
     return path
 
 

@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import socket
-import subprocess
 import tempfile
 import dataclasses
 from dataclasses import replace
@@ -21,6 +20,7 @@ from urllib.parse import urlparse
 
 import torch
 
+from .train import git_commit
 from .weights import Weights, find_weights, get_weights
 
 __all__ = [
@@ -304,18 +304,6 @@ def record_source(record: Weights) -> str:
 
 # ---------------------------------------------------------------------------------------------------------
 # Publishing
-
-
-def git_commit() -> str:
-    """The code's git commit (``-dirty`` with uncommitted changes), named in every Hub commit message."""
-    try:
-        sha = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=REPO_ROOT, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=REPO_ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
-        return sha + ('-dirty' if dirty else '')
-    except (OSError, subprocess.CalledProcessError):
-        return 'unknown'
 
 
 def validate_folder(folder, record: Weights) -> None:

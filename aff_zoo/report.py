@@ -12,6 +12,8 @@ import statistics
 import sys
 from typing import Dict, List, Optional, Sequence
 
+from ._atomic import atomic_write_text
+
 __all__ = ['load_runs', 'ablation_table', 'checkpoint_table', 'register_cli']
 
 
@@ -115,9 +117,7 @@ def _cmd_runs_table(args) -> int:
             with open(args.readme) as f:
                 text = f.read()
             new = replace_between_markers(text, args.kind, table)
-            with open(args.readme + '.tmp', 'w') as f:
-                f.write(new)
-            os.replace(args.readme + '.tmp', args.readme)
+            atomic_write_text(args.readme, new)
         else:
             print(table)
     except ValueError as e:

@@ -32,7 +32,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._atomic import atomic_write
+from ._atomic import atomic_write, atomic_write_text
 from .data import BatchLoader, ImageArrays, gpu_augment, normalize
 
 __all__ = ['TrainConfig', 'train', 'CosineWarmup', 'register_cli']
@@ -161,13 +161,6 @@ def set_rng_state(state: Dict[str, Any]):
 
 def atomic_torch_save(obj: Any, path: str):
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
-
-def atomic_write_text(path: str, text: str):
-    def write(tmp):
-        with open(tmp, 'w') as f:
-            f.write(text)
-    atomic_write(path, write)
 
 
 def save_weights(model: nn.Module, path: str, metadata: Optional[Dict[str, str]] = None):
