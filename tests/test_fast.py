@@ -57,6 +57,19 @@ def test_blend_formula_and_dtypes():
     out = blend(x.double(), y, w, 1.0)
     assert out.dtype == torch.float64
     torch.testing.assert_close(out, (w * x + (1 - w) * y).double())
+    # reuse_w: same numbers, written into w's memory (inference), inputs untouched
+    x, y = x.contiguous(memory_format=torch.channels_last), y.contiguous(memory_format=torch.channels_last)
+    w = torch.rand(2, 8, 3, 3).contiguous(memory_format=torch.channels_last)
+    ref, x0, y0 = 2.0 * (w * x + (1 - w) * y), x.clone(), y.clone()
+    out = blend(x, y, w, 2.0, reuse_w=True)
+    assert out.data_ptr() == w.data_ptr()
+    torch.testing.assert_close(out, ref)
+    assert torch.equal(x, x0) and torch.equal(y, y0)
+    # a w of another layout or a broadcast w gets a fresh output instead
+    w = torch.rand(2, 8, 3, 3)
+    assert blend(x, y, w, 2.0, reuse_w=True).data_ptr() != w.data_ptr()
+    w = torch.rand(2, 8, 1, 1)
+    torch.testing.assert_close(blend(x, y, w, 2.0, reuse_w=True), 2.0 * (w * x + (1 - w) * y))
 
 
 @pytest.mark.parametrize('fusion', ['aff', 'iaff'])
