@@ -361,12 +361,14 @@ def benchmark_models(
     for i, row in enumerate(rows):
         s = _summary(infer_t[i])
         row['infer_img_s'], row['infer_spread_pct'] = s['median'], s['spread']
+        row['infer_rounds'] = infer_t[i]
         lat = sorted(lat_t[i])
         row['latency_ms_median'] = statistics.median(lat)
         row['latency_ms_p90'] = lat[min(len(lat) - 1, math.ceil(0.9 * len(lat)) - 1)]
         if train:
             s = _summary(train_t[i])
             row['train_img_s'], row['train_spread_pct'] = s['median'], s['spread']
+            row['train_rounds'] = train_t[i]
     return rows
 
 
@@ -376,14 +378,27 @@ def _zoo_names() -> List[str]:
 
 
 def add_ratios(rows: List[Dict[str, object]], baseline: str, keys: Sequence[str], ratio_name: str = 'x'):
-    """Add ``<key>_x`` = row/baseline for each throughput key (higher is better)."""
+    """Add ``<key>_x`` = row/baseline for each throughput key (higher is better).
+
+    Where per-round figures exist (``<prefix>_rounds``, e.g. ``infer_rounds`` for ``infer_img_s``), the
+    ratio is the median over rounds of the ratio within each round: a round times every model within
+    seconds of each other, so load that comes and goes cancels in the pair, where the ratio of two
+    medians would mix rounds of different load. Also adds ``gmacs_bound_x`` = baseline GMACs / row GMACs,
+    the ratio a model would reach if every multiply-add ran at the baseline's speed.
+    """
     base = next((r for r in rows if r.get('model') == baseline or r.get('name') == baseline), None)
     if base is None:
         raise ValueError(f'baseline {baseline!r} is not among the rows: {[r.get("model", r.get("name")) for r in rows]}')
     for r in rows:
         for k in keys:
             if k in r and k in base:
-                r[f'{k}_{ratio_name}'] = r[k] / base[k]
+                rounds = k.split('_')[0] + '_rounds'
+                if rounds in r and rounds in base and len(r[rounds]) == len(base[rounds]):
+                    r[f'{k}_{ratio_name}'] = statistics.median(a / b for a, b in zip(r[rounds], base[rounds]))
+                else:
+                    r[f'{k}_{ratio_name}'] = r[k] / base[k]
+        if r.get('gmacs') and base.get('gmacs'):
+            r[f'gmacs_bound_{ratio_name}'] = base['gmacs'] / r['gmacs']
     return rows
 
 
@@ -492,7 +507,7 @@ def markdown_table(rows: List[Dict[str, object]], columns: Sequence[str]) -> str
 
 
 MODEL_COLUMNS = (
-    'model', 'params_m', 'gmacs', 'infer_img_s', 'infer_spread_pct', 'infer_img_s_x', 'latency_ms_median',
+    'model', 'params_m', 'gmacs', 'gmacs_bound_x', 'infer_img_s', 'infer_spread_pct', 'infer_img_s_x', 'latency_ms_median',
     'latency_ms_p90', 'train_img_s', 'train_spread_pct', 'train_img_s_x', 'infer_mem_mb', 'train_mem_mb', 'saved_mb')
 FUSION_COLUMNS = ('case', 'name', 'ms_median', 'spread_pct', 'speedup_vs_port')
 

@@ -163,6 +163,19 @@ def test_benchmark_cli_writes_tables(tmp_path, capsys):
     assert "--cifar-baseline 'nope' is not in --cifar-models" in capsys.readouterr().err
 
 
+def test_ratios_pair_models_within_rounds():
+    from aff_zoo.benchmark import add_ratios
+    # round 2 ran under load for both models: paired ratios 0.5, 0.5, 0.6 -> 0.5; the ratio of medians would be 0.6
+    rows = [dict(model='base', gmacs=4.0, infer_img_s=10.0, infer_rounds=[10.0, 4.0, 10.0]),
+            dict(model='ours', gmacs=5.0, infer_img_s=5.0, infer_rounds=[5.0, 2.0, 6.0]),
+            dict(model='old', gmacs=2.0, infer_img_s=20.0)]  # no rounds: ratio of the figures
+    add_ratios(rows, 'base', ('infer_img_s',))
+    assert [r['infer_img_s_x'] for r in rows] == [1.0, 0.5, 2.0]
+    assert [r['gmacs_bound_x'] for r in rows] == [1.0, 0.8, 2.0]
+    with pytest.raises(ValueError, match="baseline 'nope'"):
+        add_ratios(rows, 'nope', ('infer_img_s',))
+
+
 @pytest.mark.parametrize('scale', [1.0, 2.0])
 def test_sigmoid_blend_backward_is_exact(scale):
     """The hand-written backward of the fused sigmoid-and-blend, against numerical differentiation."""
