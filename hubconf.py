@@ -1,7 +1,7 @@
 """torch.hub entrypoints, generated from the zoo: one per registered model (``aff_resnext50``) and one per
-published weight file (``aff_resnet20.cifar10``, from ``aff_zoo/weights.py``).
+published weight file (``aff_resnet20.cifar10_e12``, from ``aff_zoo/weights.py``).
 
-    model = torch.hub.load('aff-zoo/aff_zoo', 'aff_resnet20.cifar10', pretrained=True, device='cuda')
+    model = torch.hub.load('aff-zoo/aff_zoo', 'aff_resnet20.cifar10_e12', pretrained=True, device='cuda')
 
 Each is ``aff_zoo.hub.load_model``: ``pretrained=False``, ``device=None`` (the model is built and loaded on
 the CPU, then moved), other keyword arguments go to ``timm.create_model`` (``num_classes``, ``in_chans``,

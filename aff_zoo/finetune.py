@@ -1,6 +1,6 @@
 """Fine-tuning on your own images: an ImageFolder in, a checkpoint folder in the zoo's Hub layout out.
 
-    aff-zoo finetune --model aff_resnet20.cifar10 --pretrained --data my_photos/ --img-size 64 \\
+    aff-zoo finetune --model aff_resnet20.cifar10_e12 --pretrained --data my_photos/ --img-size 64 \\
         --freeze-backbone --epochs 5 --lr 0.05 --output runs/my_model
 
 It is the training loop of ``aff_zoo.train`` (same run folder: ``checkpoint.pt`` for ``--resume``,
@@ -282,7 +282,7 @@ def register_cli(subparsers):
     p = subparsers.add_parser(
         'finetune', help='fine-tune a model on your ImageFolder; writes a Hub-layout checkpoint folder',
         description=__doc__.splitlines()[0])
-    p.add_argument('--model', required=True, help="model name, tag (aff_resnet20.cifar10) or local-dir:<folder>")
+    p.add_argument('--model', required=True, help="model name, tag (aff_resnet20.cifar10_e12) or local-dir:<folder>")
     p.add_argument('--data', required=True,
                    help='ImageFolder: <data>/<class>/<img> (automatic split) or <data>/train + <data>/val')
     p.add_argument('--output', required=True, help='run folder; the checkpoint folder is <output>/hub')

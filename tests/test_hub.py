@@ -123,8 +123,8 @@ def test_hash_mismatch_is_a_clear_error(hub_inprocess):
 def test_unknown_tag_lists_existing_tags(hub_inprocess):
     with pytest.raises(ValueError, match=r"Unknown pretrained tag 'nope'.*aff_resnet8\.hubtest"):
         timm.create_model('aff_resnet8.nope', pretrained=True)
-    with pytest.raises(RuntimeError, match=r'No trained weights exist for aff_resnet20.*aff_resnet8\.hubtest'):
-        timm.create_model('aff_resnet20', pretrained=True)
+    with pytest.raises(RuntimeError, match=r'No trained weights exist for aff_resnet56.*aff_resnet8\.hubtest'):
+        timm.create_model('aff_resnet56', pretrained=True)
 
 
 def test_server_down_fails_fast_and_says_how_to_fix(hub_inprocess, monkeypatch):
