@@ -60,7 +60,7 @@ def _load_image(path: str):
 
 def _label_names(model) -> Optional[List[str]]:
     names = model.pretrained_cfg.get('label_names')
-    if names:
+    if names and len(names) == model.num_classes:
         return list(names)
     if model.pretrained_cfg.get('num_classes') == 1000 and model.num_classes == 1000:
         from timm.data import ImageNetInfo

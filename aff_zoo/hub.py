@@ -274,6 +274,8 @@ def export_run(run_dir, arch: str, tag: str, out, dataset: str = '', **record_fi
                    dataset_sha256=m.get('dataset_sha256'))
     metrics = {k: v for k, v in metrics.items() if v is not None}
     curves = run_dir / 'curves.png'
+    if not record_fields.get('label_names') and m.get('classes'):
+        record_fields['label_names'] = tuple(m['classes'])
     return save_pretrained(
         model, out, tag=tag, dataset=dataset or m.get('dataset', ''), metrics=metrics, recipe=m.get('command', ''),
         curves=str(curves) if curves.is_file() else None, **record_fields)
@@ -335,7 +337,8 @@ def validate_folder(folder, record: Weights) -> None:
                 ('pretrained_cfg.mean', list(record.mean), pcfg.get('mean')),
                 ('pretrained_cfg.std', list(record.std), pcfg.get('std')),
                 ('pretrained_cfg.interpolation', record.interpolation, pcfg.get('interpolation')),
-                ('pretrained_cfg.crop_pct', record.crop_pct, pcfg.get('crop_pct'))]:
+                ('pretrained_cfg.crop_pct', record.crop_pct, pcfg.get('crop_pct')),
+                ('pretrained_cfg.label_names', list(record.label_names) or None, pcfg.get('label_names'))]:
             if want != got:
                 problems.append(f'config.json {key}: {got!r} != registry {want!r}')
     card = folder / 'README.md'
@@ -401,7 +404,8 @@ def publish(folder, record: Optional[Weights] = None, repo_id: Optional[str] = N
 
 def _cmd_export(args) -> int:
     out = args.out or str(Path('hub') / f'{args.arch}.{args.tag}')
-    record = export_run(args.run_dir, args.arch, args.tag, out, dataset=args.dataset or '')
+    extra = {'label_names': tuple(args.label_names)} if args.label_names else {}
+    record = export_run(args.run_dir, args.arch, args.tag, out, dataset=args.dataset or '', **extra)
     print(f'wrote {out}: ' + ', '.join(sorted(p.name for p in Path(out).iterdir())))
     print('Add this record to WEIGHTS in aff_zoo/weights.py, then run `aff-zoo cards`:\n')
     print(record_source(record))
@@ -430,6 +434,8 @@ def register_cli(sub):
     p.add_argument('--tag', required=True, help='weights tag, e.g. cifar10')
     p.add_argument('--out', help='Hub folder to write (default: hub/<arch>.<tag> in the current directory)')
     p.add_argument('--dataset', help='dataset description for the card (default: from metrics.json)')
+    p.add_argument('--label-names', nargs='+', help='class names in output order (default: the run\'s classes '
+                   'from metrics.json, where it has them)')
     p.set_defaults(func=_cmd_export)
     p = sub.add_parser('publish', help='validate a Hub folder against the registry and upload it')
     p.add_argument('folder', help='e.g. hub/aff_resnet20.cifar10')

@@ -412,7 +412,7 @@ def train(
         model=getattr(model, 'default_cfg', {}).get('architecture') or type(model).__name__,
         val_top1=best['val_top1'], val_top5=best.get('val_top5'), best_epoch=best.get('epoch'),
         epochs=cfg.epochs, val_split=f'last {len(val_ds) // max(num_classes, 1)} images per class (sorted by name)',
-        train_images=len(train_ds), val_images=len(val_ds),
+        train_images=len(train_ds), val_images=len(val_ds), classes=list(train_ds.classes),
         params=sum(p.numel() for p in model.parameters()),
         train_images_per_s=round(sum(r['train_images_per_s'] for r in rows) / max(len(rows), 1), 1),
         total_train_seconds=round(sum(r['epoch_seconds'] for r in rows), 1),

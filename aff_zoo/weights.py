@@ -48,6 +48,7 @@ class Weights:
     std: Tuple[float, ...] = (0.2470, 0.2435, 0.2616)
     interpolation: str = 'bilinear'
     crop_pct: float = 1.0
+    label_names: Tuple[str, ...] = ()  # class names in output order (timm's pretrained_cfg.label_names)
     license: str = 'apache-2.0'
     citation: str = PAPER_CITATION
     notes: str = ''
@@ -77,7 +78,7 @@ class Weights:
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> 'Weights':
         """Inverse of ``to_dict`` (JSON turns tuples into lists)."""
-        return cls(**{k: tuple(v) if k in ('input_size', 'mean', 'std') else v for k, v in d.items()})
+        return cls(**{k: tuple(v) if k in ('input_size', 'mean', 'std', 'label_names') else v for k, v in d.items()})
 
     def pretrained_cfg(self) -> Dict[str, Any]:
         """The fields of timm's PretrainedCfg this record decides."""
@@ -86,6 +87,7 @@ class Weights:
             mean=self.mean, std=self.std, interpolation=self.interpolation, crop_pct=self.crop_pct,
             license=self.license, paper_ids='arXiv:2009.14082',
             tag=self.tag, architecture=self.arch,
+            **({'label_names': self.label_names} if self.label_names else {}),
         )
 
 
@@ -95,6 +97,8 @@ _E12_NOTE = ('12 epochs (cosine schedule, seed 0) on the 45,000 training images,
              'next to the same-budget addition baseline (add_resnet20.cifar10_e12): a short schedule, about 7 points '
              'below what a ResNet-20 reaches with the usual ~180 epochs (~91 %). Validation = the last 500 images per '
              'class of the JPEG CIFAR-10 training set (the test split was not available).')
+
+CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
 
 WEIGHTS: Tuple[Weights, ...] = (
     Weights(
@@ -124,6 +128,7 @@ WEIGHTS: Tuple[Weights, ...] = (
             '0.0 --model aff_resnet20 --momentum 0.9 --nesterov --no-wd-bn-bias --opt sgd --output '
             '/work/runs/ckpt20/aff_resnet20-e12 --seed 0 --train-subset 0 --val-per-class 500 '
             '--warmup-epochs 0.3 --weight-decay 0.0005',
+        label_names=CIFAR10_CLASSES,
         notes=_E12_NOTE,
     ),
     Weights(
@@ -153,6 +158,7 @@ WEIGHTS: Tuple[Weights, ...] = (
             '0.0 --model iaff_resnet20 --momentum 0.9 --nesterov --no-wd-bn-bias --opt sgd --output '
             '/work/runs/ckpt20/iaff_resnet20-e12 --seed 0 --train-subset 0 --val-per-class 500 '
             '--warmup-epochs 0.3 --weight-decay 0.0005',
+        label_names=CIFAR10_CLASSES,
         notes=_E12_NOTE,
     ),
     Weights(
@@ -182,6 +188,7 @@ WEIGHTS: Tuple[Weights, ...] = (
             '0.0 --model add_resnet20 --momentum 0.9 --nesterov --no-wd-bn-bias --opt sgd --output '
             '/work/runs/ckpt20/add_resnet20-e12 --seed 0 --train-subset 0 --val-per-class 500 '
             '--warmup-epochs 0.3 --weight-decay 0.0005',
+        label_names=CIFAR10_CLASSES,
         notes=_E12_NOTE,
     ),
 )

@@ -195,7 +195,7 @@ def _fake_run_dir(tmp_path, folder) -> Path:
         model='aff_resnet8', val_top1=27.06, val_top5=82.42, best_epoch=2, epochs=2,
         val_split='last 500 images per class (sorted by name)', total_train_seconds=78.6,
         dataset='cifar10-train-jpeg.tar.gz', command='aff-zoo train --model aff_resnet8 --epochs 2',
-        git_commit='f96f71e', device='cpu', world_size=1)))
+        git_commit='f96f71e', device='cpu', world_size=1, classes=[f'c{i}' for i in range(10)])))
     (run / 'log.csv').write_text('epoch,train_loss,val_top1\n1,2.2,17.7\n2,1.9,27.06\n')
     Image.new('RGB', (8, 8), 'white').save(run / 'curves.png')
     return run
@@ -210,9 +210,13 @@ def test_export_cli_writes_folder_and_record(hub_checkpoint, tmp_path, capsys):
     record = eval(printed[printed.index('Weights('):].rstrip().rstrip(','), {'Weights': Weights})
     assert record.name == 'aff_resnet8.cifar10' and record.top1 == 27.06 and record.metrics['epochs'] == 2
     assert record.recipe == 'aff-zoo train --model aff_resnet8 --epochs 2'
+    assert record.label_names == tuple(f'c{i}' for i in range(10))  # the run's classes, in output order
+    assert json.loads((out / 'config.json').read_text())['pretrained_cfg']['label_names'] == list(record.label_names)
     assert record.sha256 == zhub.sha256_file(out / 'model.safetensors') == zhub.sha256_file(run / 'model.safetensors')
     assert (out / 'training_curves.png').is_file() and 'training_curves.png' in (out / 'README.md').read_text()
     zhub.validate_folder(out, record)
+    with pytest.raises(ValueError, match='label_names'):
+        zhub.validate_folder(out, replace(record, label_names=('x',) * 10))
     with pytest.raises(ValueError, match="trained 'aff_resnet8', not 'aff_resnet20'"):
         zhub.export_run(run, 'aff_resnet20', 'cifar10', tmp_path / 'x')
 

@@ -10,6 +10,7 @@ import pytest
 import timm
 
 import aff_zoo  # noqa: F401  (registers the models)
+from aff_zoo.cli import _label_names
 from aff_zoo.data import load_images, split_train_val
 from aff_zoo.evaluate import evaluate
 from aff_zoo.weights import WEIGHTS
@@ -37,6 +38,7 @@ def test_published_weights_reproduce_their_val_accuracy(w, val_split):
     assert w.metrics['split'].startswith('last 500 images per class') and w.metrics['val_images'] == len(val)
     model = timm.create_model(w.arch, pretrained=True, num_classes=w.num_classes,
                               pretrained_cfg_overlay=dict(file=str(ROOT / 'hub' / w.name / w.filename)))
+    assert _label_names(model) == list(val.classes)  # `aff-zoo classify` prints the data's class names
     res = evaluate(model, val, batch_size=500)
     assert res['images'] == w.metrics['val_images']
     assert (res['top1'], res['top5']) == pytest.approx((w.metrics['top1'], w.metrics['top5']), abs=0.011)
