@@ -24,7 +24,7 @@ import platform
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -377,6 +377,24 @@ def _zoo_names() -> List[str]:
     return list_models()
 
 
+def paired_ratio(values: Sequence[float], base: Sequence[float]) -> float:
+    """Median over rounds of the ratio within each round, ``values[i] / base[i]``."""
+    return statistics.median(a / b for a, b in zip(values, base))
+
+
+def interleaved_rates(fns: Dict[Any, Callable[[], object]], items: int, rounds: int,
+                      clock: Callable[[], float] = time.process_time) -> Dict[Any, List[float]]:
+    """Items per second of every ``fns[k]()`` call (which handles ``items`` items), one call of each per
+    round, in turn, for ``rounds`` rounds: the raw rounds for ``paired_ratio``. CPU clock by default."""
+    rates: Dict[Any, List[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            t0 = clock()
+            fn()
+            rates[k].append(items / (clock() - t0))
+    return rates
+
+
 def add_ratios(rows: List[Dict[str, object]], baseline: str, keys: Sequence[str], ratio_name: str = 'x'):
     """Add ``<key>_x`` = row/baseline for each throughput key (higher is better).
 
@@ -394,7 +412,7 @@ def add_ratios(rows: List[Dict[str, object]], baseline: str, keys: Sequence[str]
             if k in r and k in base:
                 rounds = k.split('_')[0] + '_rounds'
                 if rounds in r and rounds in base and len(r[rounds]) == len(base[rounds]):
-                    r[f'{k}_{ratio_name}'] = statistics.median(a / b for a, b in zip(r[rounds], base[rounds]))
+                    r[f'{k}_{ratio_name}'] = paired_ratio(r[rounds], base[rounds])
                 else:
                     r[f'{k}_{ratio_name}'] = r[k] / base[k]
         if r.get('gmacs') and base.get('gmacs'):

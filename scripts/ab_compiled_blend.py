@@ -13,7 +13,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import timm  # noqa: E402
@@ -21,6 +20,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import aff_zoo.fusion as fusion  # noqa: E402
+from aff_zoo.benchmark import interleaved_rates, paired_ratio  # noqa: E402
 from aff_zoo.fusion import _SigmoidBlend  # noqa: E402
 
 
@@ -34,11 +34,10 @@ def main(argv=None):
     torch.set_num_threads(1)
     scale = args.scale
 
-    def formula(x, y, logits):
-        return torch.lerp(y, x, torch.sigmoid(logits)) * scale
-
+    # the formula of ``_SigmoidBlend``, compiled once: here and, with --step-models, inside the networks
+    compiled = torch.compile(lambda x, y, logits, s: torch.lerp(y, x, torch.sigmoid(logits)) * s)
     variants = {'ours (eager, custom backward)': lambda x, y, l: _SigmoidBlend.apply(x, y, l, scale),
-                'torch.compile (fused kernels)': torch.compile(formula)}
+                'torch.compile (fused kernels)': lambda x, y, l: compiled(x, y, l, scale)}
     x, y, l = (torch.randn(args.shape).contiguous(memory_format=torch.channels_last).requires_grad_() for _ in range(3))
     g = torch.randn(args.shape).contiguous(memory_format=torch.channels_last)
 
@@ -51,18 +50,18 @@ def main(argv=None):
     for name, f in variants.items():
         for a, b in zip(run(f), ref):  # also compiles
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    times = {name: [] for name in variants}
-    for _ in range(5):
-        for name, f in variants.items():
-            t0 = time.process_time()
-            for _ in range(args.calls):
-                run(f)
-            times[name].append((time.process_time() - t0) / args.calls * 1e3)
+
+    def calls(f):
+        for _ in range(args.calls):
+            run(f)
+
+    rates = interleaved_rates({name: (lambda f=f: calls(f)) for name, f in variants.items()}, args.calls, 5)
+    times = {name: [1e3 / r for r in rs] for name, rs in rates.items()}  # ms per forward+backward
     print(f'shape {args.shape}, scale {scale}, forward+backward, 1 thread, CPU clock, median of 5 rounds')
     for name, t in times.items():
         print(f'{name:32s} {statistics.median(t):7.2f} ms  (rounds {", ".join(f"{v:.2f}" for v in t)})')
     if args.step_models:
-        step_ab(args.step_models, torch.compile(lambda x, y, l, s: torch.lerp(y, x, torch.sigmoid(l)) * s))
+        step_ab(args.step_models, compiled)
     return 0
 
 
@@ -85,20 +84,15 @@ def step_ab(names, compiled, rounds: int = 5, batch_size: int = 128):
             loss.backward()
             opt.step()
         step(), step()  # warm-up (and compilation)
-        steps[(name, kind)] = step
-    times = {v: [] for v in variants}
+        steps[(name, kind)] = lambda step=step: (step(), step())
     try:
-        for _ in range(rounds):
-            for v in variants:
-                t0 = time.process_time()
-                steps[v](), steps[v]()
-                times[v].append(2 * batch_size / (time.process_time() - t0))
+        times = interleaved_rates(steps, 2 * batch_size, rounds)
     finally:
         fusion._sigmoid_blend_autograd = eager
     print(f'training step, batch {batch_size}, 1 thread, CPU clock, {rounds} rounds; ratio = median over rounds '
           f'of (model / {names[0]}) in the same round')
     for v in variants:
-        ratio = statistics.median(a / b for a, b in zip(times[v], times[variants[0]]))
+        ratio = paired_ratio(times[v], times[variants[0]])
         print(f'{v[0]:16s} {v[1]:9s} {statistics.median(times[v]):7.1f} img/s  {ratio:.3f}x')
 
 

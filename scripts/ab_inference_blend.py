@@ -11,7 +11,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import timm  # noqa: E402
@@ -19,6 +18,7 @@ import torch  # noqa: E402
 
 import aff_zoo  # noqa: E402,F401
 import aff_zoo.fusion as fusion  # noqa: E402
+from aff_zoo.benchmark import interleaved_rates, paired_ratio  # noqa: E402
 
 
 def main(argv=None):
@@ -41,18 +41,17 @@ def main(argv=None):
         m = timm.create_model(name).to(memory_format=torch.channels_last).eval()
         models[name] = fusion.fuse_for_inference(m) if name in zoo else m
     variants = [(n, 'reuse') for n in models] + [(n, 'fresh') for n in models if n in zoo]
-    times = {v: [] for v in variants}
+
+    def forward(name, kind):
+        fusion.blend = fresh_blend if kind == 'fresh' else reuse_blend
+        models[name](x)
+
+    calls = {v: (lambda v=v: forward(*v)) for v in variants}
     try:
         with torch.inference_mode():
-            for n, kind in variants:  # warm-up
-                fusion.blend = fresh_blend if kind == 'fresh' else reuse_blend
-                models[n](x)
-            for _ in range(args.rounds):
-                for n, kind in variants:
-                    fusion.blend = fresh_blend if kind == 'fresh' else reuse_blend
-                    t0 = time.process_time()
-                    models[n](x)
-                    times[(n, kind)].append(args.batch_size / (time.process_time() - t0))
+            for call in calls.values():  # warm-up
+                call()
+            times = interleaved_rates(calls, args.batch_size, args.rounds)
     finally:
         fusion.blend = reuse_blend
     base = times[variants[0]]
@@ -60,7 +59,7 @@ def main(argv=None):
           f'ratio = median over rounds of (model / {args.models[0]}) in the same round')
     for v in variants:
         med = statistics.median(times[v])
-        ratio = statistics.median(a / b for a, b in zip(times[v], base))
+        ratio = paired_ratio(times[v], base)
         print(f'{v[0]:22s} {v[1]:6s} {med:8.2f} img/s  {ratio:.3f}x  spread {(max(times[v]) - min(times[v])) / med * 100:.0f}%')
     return 0
 

@@ -176,6 +176,19 @@ def test_ratios_pair_models_within_rounds():
         add_ratios(rows, 'nope', ('infer_img_s',))
 
 
+def test_interleaved_rates_times_each_call_in_turn():
+    from aff_zoo.benchmark import interleaved_rates
+    now, order = [0.0], []
+    cost = {'a': 2.0, 'b': 4.0}  # seconds per call on a fake clock that only the calls advance
+
+    def fn(k):
+        order.append(k)
+        now[0] += cost[k]
+    rates = interleaved_rates({k: (lambda k=k: fn(k)) for k in cost}, items=8, rounds=3, clock=lambda: now[0])
+    assert order == ['a', 'b'] * 3
+    assert rates == {'a': [4.0] * 3, 'b': [2.0] * 3}
+
+
 @pytest.mark.parametrize('scale', [1.0, 2.0])
 def test_sigmoid_blend_backward_is_exact(scale):
     """The hand-written backward of the fused sigmoid-and-blend, against numerical differentiation."""
