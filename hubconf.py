@@ -3,15 +3,15 @@ published weight file (``aff_resnet20.cifar10_e12``, from ``aff_zoo/weights.py``
 
     model = torch.hub.load('aff-zoo/aff_zoo', 'aff_resnet20.cifar10_e12', pretrained=True, device='cuda')
 
-Each is ``aff_zoo.hub.load_model``: ``pretrained=False``, ``device=None`` (the model is built and loaded on
+Each is ``aff_zoo.models.pretrained.load_model``: ``pretrained=False``, ``device=None`` (the model is built and loaded on
 the CPU, then moved), other keyword arguments go to ``timm.create_model`` (``num_classes``, ``in_chans``,
 ``pretrained_cfg='<tag>'``, ``features_only``, ...).
 """
 dependencies = ['torch', 'timm', 'safetensors', 'huggingface_hub']
 
 import aff_zoo as _aff_zoo
-from aff_zoo import weights as _weights
-from aff_zoo.hub import load_model as _load_model
+from aff_zoo.models import weights as _weights
+from aff_zoo.models.pretrained import load_model as _load_model
 
 
 def _entrypoint(name: str, doc: str):

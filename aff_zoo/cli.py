@@ -6,40 +6,15 @@ import sys
 from typing import List, Optional
 
 # Modules that define ``register_cli(subparsers)``; each adds its own subcommand(s).
-_COMMAND_MODULES: List[str] = ['aff_zoo.train', 'aff_zoo.evaluate', 'aff_zoo.report', 'aff_zoo.hub', 'aff_zoo.benchmark', 'aff_zoo.export', 'aff_zoo.finetune']
+_COMMAND_MODULES: List[str] = [
+    'aff_zoo.training.train', 'aff_zoo.training.evaluate', 'aff_zoo.training.finetune', 'aff_zoo.publish.report',
+    'aff_zoo.publish.commands', 'aff_zoo.deploy.benchmark', 'aff_zoo.deploy.export']
 
 DEFAULT_MODEL = 'aff_resnext50'
 
 
-def models_table(pattern: str = '*', fmt: str = 'text') -> str:
-    """The zoo as a text or markdown table: family, fusion, input, params, GMACs, weight tags."""
-    import timm
-    from .models import IMAGENET_MODELS, list_models
-    from .stats import model_stats
-    from .weights import available_tags
-    header = ['model', 'family', 'fusion', 'input', 'params (M)', 'GMACs', 'weights']
-    rows = []
-    for name in list_models(pattern):
-        tags = available_tags(name)
-        cfg = timm.get_pretrained_cfg(tags[0] if tags else name)
-        params, macs = model_stats(name)
-        rows.append([
-            name, 'ImageNet' if name in IMAGENET_MODELS else 'CIFAR', name.split('_', 1)[0],
-            'x'.join(map(str, cfg.input_size[1:])), f'{params / 1e6:.2f}', f'{macs:.3f}',
-            ', '.join(t.split('.', 1)[1] for t in tags) or '-',
-        ])
-    if not rows:
-        return ''
-    if fmt == 'markdown':
-        lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
-        lines += ['| ' + ' | '.join(r) + ' |' for r in rows]
-    else:
-        widths = [max(len(x) for x in col) for col in zip(header, *rows)]
-        lines = ['  '.join(x.ljust(w) for x, w in zip(r, widths)).rstrip() for r in [header] + rows]
-    return '\n'.join(lines)
-
-
 def _cmd_list(args) -> int:
+    from .models.stats import models_table
     table = models_table(args.pattern, args.format)
     if not table:
         print(f'No aff_zoo model matches {args.pattern!r}; `aff-zoo list` shows all of them.', file=sys.stderr)

@@ -17,8 +17,8 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 
 import aff_zoo  # noqa: E402,F401
-import aff_zoo.fusion as fusion  # noqa: E402
-from aff_zoo.benchmark import interleaved_rates, paired_ratio  # noqa: E402
+import aff_zoo.layers.fusion as fusion  # noqa: E402
+from aff_zoo.deploy.benchmark import interleaved_rates, paired_ratio  # noqa: E402
 
 
 def main(argv=None):

@@ -18,7 +18,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch.profiler import profile  # noqa: E402
 
 import aff_zoo  # noqa: E402
-from aff_zoo.fusion import fuse_for_inference  # noqa: E402
+from aff_zoo.layers.fusion import fuse_for_inference  # noqa: E402
 
 
 def main(argv=None):

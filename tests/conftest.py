@@ -107,7 +107,7 @@ def hub_checkpoint(tmp_path_factory):
     import timm
     import torch
     import aff_zoo  # noqa: F401
-    from aff_zoo.hub import save_pretrained
+    from aff_zoo.publish.folders import save_pretrained
     torch.manual_seed(0)
     model = timm.create_model('aff_resnet8')
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)

@@ -4,11 +4,11 @@ import subprocess
 import sys
 import time
 
-from aff_zoo._atomic import atomic_write_text
+from aff_zoo.utils import atomic_write_text
 
 WRITER = '''
 import sys, time
-from aff_zoo._atomic import atomic_write
+from aff_zoo.utils import atomic_write
 def write(tmp):
     with open(tmp, "w") as f:
         for _ in range(200):

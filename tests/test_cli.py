@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from aff_zoo.cli import main, models_table
-from aff_zoo.docs import SECTIONS, read_section, replace_section
+from aff_zoo.cli import main
+from aff_zoo.models.stats import models_table
+from aff_zoo.publish.docs import SECTIONS, read_section, replace_section
 
 ROOT = Path(__file__).resolve().parents[1]
 

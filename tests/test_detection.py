@@ -8,8 +8,8 @@ from torchvision.models.detection import FasterRCNN
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from _cifar_jpegs import cifar_images
-from aff_zoo.detection import AFFBackboneWithFPN, aff_fasterrcnn
-from aff_zoo.fpn import AFFFPN
+from aff_zoo.models.detection import AFFBackboneWithFPN, aff_fasterrcnn
+from aff_zoo.layers.fpn import AFFFPN
 
 CANVAS, OBJ = 96, 48
 

@@ -10,8 +10,8 @@ import torch
 
 import aff_zoo
 from aff_zoo.cli import main
-from aff_zoo.fusion import LocalFusion
-from aff_zoo.export import FORMATS, check_onnx, convert, export_onnx
+from aff_zoo.layers.fusion import LocalFusion
+from aff_zoo.deploy.export import FORMATS, check_onnx, convert, export_onnx
 from aff_zoo.models import IMAGENET_MODELS
 
 ATOL = 1e-4

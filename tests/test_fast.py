@@ -6,8 +6,8 @@ import torch
 import torch.nn as nn
 
 import aff_zoo  # noqa: F401  (registers the models)
-from aff_zoo.benchmark import PortAFF, PortiAFF, benchmark_fusions, benchmark_models, port_from_fusion
-from aff_zoo.fusion import blend, create_fusion, fuse_for_inference
+from aff_zoo.deploy.benchmark import PortAFF, PortiAFF, benchmark_fusions, benchmark_models, port_from_fusion
+from aff_zoo.layers.fusion import blend, create_fusion, fuse_for_inference
 from aff_zoo.models import AFFResNet
 
 
@@ -140,7 +140,7 @@ def test_benchmark_smoke(tmp_path):
         assert r['infer_img_s'] > 0 and r['train_img_s'] > 0 and r['gmacs'] > 0
     assert rows[1]['params_m'] > rows[0]['params_m']
     assert rows[1]['saved_mb'] > rows[0]['saved_mb'] > 0  # AFF keeps more activations for backward
-    from aff_zoo.benchmark import _saved_mb
+    from aff_zoo.deploy.benchmark import _saved_mb
     model, x = timm.create_model('aff_resnet8').train(), torch.randn(2, 3, 32, 32)
     full = _saved_mb(model, x)
     model.set_grad_checkpointing(True)
@@ -164,7 +164,7 @@ def test_benchmark_cli_writes_tables(tmp_path, capsys):
 
 
 def test_ratios_pair_models_within_rounds():
-    from aff_zoo.benchmark import add_ratios
+    from aff_zoo.deploy.benchmark import add_ratios
     # round 2 ran under load for both models: paired ratios 0.5, 0.5, 0.6 -> 0.5; the ratio of medians would be 0.6
     rows = [dict(model='base', gmacs=4.0, infer_img_s=10.0, infer_rounds=[10.0, 4.0, 10.0]),
             dict(model='ours', gmacs=5.0, infer_img_s=5.0, infer_rounds=[5.0, 2.0, 6.0]),
@@ -177,7 +177,7 @@ def test_ratios_pair_models_within_rounds():
 
 
 def test_interleaved_rates_times_each_call_in_turn():
-    from aff_zoo.benchmark import interleaved_rates
+    from aff_zoo.deploy.benchmark import interleaved_rates
     now, order = [0.0], []
     cost = {'a': 2.0, 'b': 4.0}  # seconds per call on a fake clock that only the calls advance
 
@@ -192,7 +192,7 @@ def test_interleaved_rates_times_each_call_in_turn():
 @pytest.mark.parametrize('scale', [1.0, 2.0])
 def test_sigmoid_blend_backward_is_exact(scale):
     """The hand-written backward of the fused sigmoid-and-blend, against numerical differentiation."""
-    from aff_zoo.fusion import _SigmoidBlend
+    from aff_zoo.layers.fusion import _SigmoidBlend
     g = torch.Generator().manual_seed(0)
     x, y, logits = (torch.randn(2, 3, 4, 4, dtype=torch.float64, generator=g).requires_grad_() for _ in range(3))
     assert torch.autograd.gradcheck(lambda a, b, c: _SigmoidBlend.apply(a, b, c, scale), (x, y, logits))

@@ -12,10 +12,11 @@ from _cifar_jpegs import cifar_images
 
 # Fine-tuning runs the training loop of issue 3 (aff_zoo/train.py, aff_zoo/data.py): until that is merged
 # there is nothing to fine-tune with, and the `finetune` subcommand is not registered.
-pytest.importorskip('aff_zoo.train', reason='aff_zoo.train (issue 3, the training loop) is not merged yet')
+pytest.importorskip('aff_zoo.training.train', reason='aff_zoo.training.train (issue 3, the training loop) is not merged yet')
 
 from aff_zoo.cli import main  # noqa: E402
-from aff_zoo.finetune import check_balance, load_finetune_data, load_safetensors, prepare_model, write_folder  # noqa: E402
+from aff_zoo.models.pretrained import load_safetensors  # noqa: E402
+from aff_zoo.training.finetune import check_balance, load_finetune_data, prepare_model, write_folder  # noqa: E402
 
 CLASSES = ('airplane', 'automobile', 'frog')
 PER_CLASS = 16
@@ -89,8 +90,8 @@ def test_frozen_backbone_grey_resized(folder, tmp_path):
     model = prepare_model('iaff_resnet8', 3, pretrained=False, in_chans=1, img_size=40, freeze_backbone=True)
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ['fc.weight', 'fc.bias']
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    from aff_zoo.finetune import finetune
-    from aff_zoo.train import TrainConfig
+    from aff_zoo.training.finetune import finetune
+    from aff_zoo.training.train import TrainConfig
     cfg = TrainConfig(epochs=1, batch_size=12, lr=0.05, progress=False, channels_last=False, warmup_epochs=0)
     metrics = finetune(model, train_ds, val_ds, cfg, str(tmp_path / 'run'))
     after = model.state_dict()

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
-from aff_zoo.fpn import AFFFPN
+from aff_zoo.layers.fpn import AFFFPN
 
 IN_CHANNELS = [8, 16, 32]
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from aff_zoo.fusion import (
+from aff_zoo.layers.fusion import (
     AFF, FUSIONS, MSCAM, AddFusion, LocalFusion, SEFusion, SKFusion, bottleneck_width, create_fusion,
     fuse_for_inference, iAFF,
 )

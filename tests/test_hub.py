@@ -16,9 +16,12 @@ import torch
 from safetensors.torch import load_file
 
 import aff_zoo
-from aff_zoo import hub as zhub
+from aff_zoo import utils as zutils
+from aff_zoo.models import pretrained as zpre
+from aff_zoo.publish import folders as zfolders, upload as zupload
 from aff_zoo.cli import main as cli_main
-from aff_zoo.weights import Weights, registered_weights
+from aff_zoo.models._builder import registered_weights
+from aff_zoo.models.weights import Weights
 
 from conftest import HUB_TEST_ORG, _free_port
 
@@ -28,7 +31,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # are read from the environment at import, as for a user) and prints a digest of each model's state.
 _LOAD_SCRIPT = r"""
 import hashlib, json, sys, torch, timm, aff_zoo
-from aff_zoo.weights import Weights, registered_weights
+from aff_zoo.models._builder import registered_weights
+from aff_zoo.models.weights import Weights
 extra, names, repo = [Weights.from_dict(d) for d in json.loads(sys.argv[1])], json.loads(sys.argv[2]), sys.argv[3]
 def digest(m):
     h = hashlib.sha256()
@@ -76,7 +80,7 @@ def test_three_paths_identical_online_then_offline_cache(hub_server, hub_env, hu
     AFF_ZOO_HUB_DIR points at an empty folder so the shipped copies are not used) load identically."""
     folder, record = hub_checkpoint
     expected = {record.name: _digest_of_file(record.arch, folder / 'model.safetensors')}
-    for w in aff_zoo.weights.WEIGHTS:
+    for w in aff_zoo.models.weights.WEIGHTS:
         hub_server.add_repo(f'{HUB_TEST_ORG}/{w.name}', REPO_ROOT / 'hub' / w.name)
         expected[w.name] = _digest_of_file(w.arch, REPO_ROOT / 'hub' / w.name / w.filename)
     (tmp_path / 'no_shipped').mkdir()
@@ -87,7 +91,7 @@ def test_three_paths_identical_online_then_offline_cache(hub_server, hub_env, hu
     offline = _run_loader(dict(env, HF_HUB_OFFLINE='1'), [record], list(expected))
     assert offline == online
     cached = list(Path(hub_env['HF_HOME']).rglob(f'*{record.name}*/**/model.safetensors'))
-    assert cached and zhub.sha256_file(cached[0]) == record.sha256
+    assert cached and zutils.sha256_file(cached[0]) == record.sha256
 
 
 @pytest.fixture
@@ -112,7 +116,7 @@ def test_hash_mismatch_is_a_clear_error(hub_inprocess):
     bad = replace(record, tag='corrupt')
     server.add_repo(bad.hf_hub_id, folder, replace={'model.safetensors': bytes(data)})
     with registered_weights(bad):
-        with pytest.raises(zhub.HashMismatchError) as e:
+        with pytest.raises(zpre.HashMismatchError) as e:
             timm.create_model(bad.name, pretrained=True)
     msg = str(e.value)
     assert 'model.safetensors' in msg and record.sha256 in msg
@@ -134,13 +138,13 @@ def test_server_down_fails_fast_and_says_how_to_fix(hub_inprocess, monkeypatch):
     monkeypatch.setattr(constants, 'HUGGINGFACE_CO_URL_TEMPLATE', dead + '/{repo_id}/resolve/{revision}/{filename}')
     _, _, record = hub_inprocess
     t0 = time.time()
-    with pytest.raises(zhub.WeightsUnavailableError) as e:
+    with pytest.raises(zpre.WeightsUnavailableError) as e:
         timm.create_model(record.name, pretrained=True)
     assert time.time() - t0 < 10
     msg = str(e.value)
     assert 'cannot be reached' in msg and dead in msg and 'HF_ENDPOINT' in msg and 'pretrained_cfg_overlay' in msg
     monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True)
-    with pytest.raises(zhub.WeightsUnavailableError, match='HF_HUB_OFFLINE=1 is set'):
+    with pytest.raises(zpre.WeightsUnavailableError, match='HF_HUB_OFFLINE=1 is set'):
         timm.create_model(record.name, pretrained=True)
 
 
@@ -151,12 +155,12 @@ def test_shipped_folder_loads_without_network_and_is_verified(hub_inprocess, mon
     shipped = tmp_path / 'repo' / 'hub' / record.name
     shipped.mkdir(parents=True)
     (shipped / 'model.safetensors').write_bytes((folder / 'model.safetensors').read_bytes())
-    monkeypatch.setattr(zhub, 'REPO_ROOT', tmp_path / 'repo')
+    monkeypatch.setattr(zpre, 'REPO_ROOT', tmp_path / 'repo')
     model = timm.create_model(record.name, pretrained=True)
     ref = load_file(str(folder / 'model.safetensors'))
     assert all(torch.equal(v, ref[k]) for k, v in model.state_dict().items())
     (shipped / 'model.safetensors').write_bytes(b'\0' * record.size)
-    with pytest.raises(zhub.HashMismatchError, match='shipped in this repository'):
+    with pytest.raises(zpre.HashMismatchError, match='shipped in this repository'):
         timm.create_model(record.name, pretrained=True)
 
 
@@ -177,12 +181,12 @@ def test_save_pretrained_layout(hub_checkpoint):
     pcfg = cfg['pretrained_cfg']
     assert pcfg['tag'] == 'hubtest' and pcfg['mean'] == list(record.mean) and pcfg['input_size'] == [3, 32, 32]
     assert 'hf_hub_id' not in pcfg and 'file' not in pcfg
-    assert record.sha256 == zhub.sha256_file(folder / 'model.safetensors')
+    assert record.sha256 == zutils.sha256_file(folder / 'model.safetensors')
     assert record.size == (folder / 'model.safetensors').stat().st_size
     card = (folder / 'README.md').read_text()
     assert card.startswith('---\nlibrary_name: timm\n') and 'model-index' in card and 'value: 12.5' in card
     assert set(load_file(str(folder / 'model.safetensors'))) == set(timm.create_model('aff_resnet8').state_dict())
-    zhub.validate_folder(folder, record)
+    zfolders.validate_folder(folder, record)
 
 
 def _fake_run_dir(tmp_path, folder) -> Path:
@@ -212,13 +216,13 @@ def test_export_cli_writes_folder_and_record(hub_checkpoint, tmp_path, capsys):
     assert record.recipe == 'aff-zoo train --model aff_resnet8 --epochs 2'
     assert record.label_names == tuple(f'c{i}' for i in range(10))  # the run's classes, in output order
     assert json.loads((out / 'config.json').read_text())['pretrained_cfg']['label_names'] == list(record.label_names)
-    assert record.sha256 == zhub.sha256_file(out / 'model.safetensors') == zhub.sha256_file(run / 'model.safetensors')
+    assert record.sha256 == zutils.sha256_file(out / 'model.safetensors') == zutils.sha256_file(run / 'model.safetensors')
     assert (out / 'training_curves.png').is_file() and 'training_curves.png' in (out / 'README.md').read_text()
-    zhub.validate_folder(out, record)
+    zfolders.validate_folder(out, record)
     with pytest.raises(ValueError, match='label_names'):
-        zhub.validate_folder(out, replace(record, label_names=('x',) * 10))
+        zfolders.validate_folder(out, replace(record, label_names=('x',) * 10))
     with pytest.raises(ValueError, match="trained 'aff_resnet8', not 'aff_resnet20'"):
-        zhub.export_run(run, 'aff_resnet20', 'cifar10', tmp_path / 'x')
+        zfolders.export_run(run, 'aff_resnet20', 'cifar10', tmp_path / 'x')
 
 
 def test_publish_dry_run_lists_exact_operations(hub_checkpoint, capsys):
@@ -227,10 +231,10 @@ def test_publish_dry_run_lists_exact_operations(hub_checkpoint, capsys):
         assert cli_main(['publish', str(folder), '--dry-run', '--endpoint', 'http://127.0.0.1:1']) == 0
     out = capsys.readouterr().out
     assert f'repo {record.hf_hub_id} on http://127.0.0.1:1 (public)' in out
-    assert zhub.git_commit().split('-')[0] in out and 'nothing uploaded' in out
+    assert zutils.git_commit().split('-')[0] in out and 'nothing uploaded' in out
     for f in folder.iterdir():
         line = [ln for ln in out.splitlines() if f' {f.name} ' in ln]
-        assert line and f'{f.stat().st_size} bytes' in line[0] and zhub.sha256_file(f) in line[0]
+        assert line and f'{f.stat().st_size} bytes' in line[0] and zutils.sha256_file(f) in line[0]
 
 
 def test_publish_refuses_folder_that_disagrees_with_registry(hub_checkpoint, tmp_path):
@@ -242,7 +246,7 @@ def test_publish_refuses_folder_that_disagrees_with_registry(hub_checkpoint, tmp
     (bad / 'README.md').write_text((folder / 'README.md').read_text().replace('value: 12.5', 'value: 99.9'))
     wrong = replace(record, sha256='0' * 64)
     with pytest.raises(ValueError) as e:
-        zhub.publish(bad, record=wrong, dry_run=True)
+        zupload.publish(bad, record=wrong, dry_run=True)
     assert 'sha256' in str(e.value) and 'model card' in str(e.value)
 
 
@@ -250,7 +254,7 @@ def test_publish_upload_reaches_server_and_explains_refusal(hub_server, hub_chec
     """The real create_repo HTTP call goes out; olah has no write API (405), which must read clearly."""
     folder, record = hub_checkpoint
     with pytest.raises(RuntimeError, match=r'HTTP 405.*no write API'):
-        zhub.publish(folder, record=record, endpoint=hub_server.endpoint, token='hf_test_token', log=lambda s: None)
+        zupload.publish(folder, record=record, endpoint=hub_server.endpoint, token='hf_test_token', log=lambda s: None)
 
 
 def test_registered_weights_is_temporary(hub_checkpoint):
@@ -258,9 +262,9 @@ def test_registered_weights_is_temporary(hub_checkpoint):
     before = timm.list_models('aff_resnet8*', pretrained=True)
     with registered_weights(record):
         assert record.name in timm.list_models('aff_resnet8*', pretrained=True)
-        assert record.name in aff_zoo.weights.available_tags('aff_resnet8')
+        assert record.name in aff_zoo.models.weights.available_tags('aff_resnet8')
     assert timm.list_models('aff_resnet8*', pretrained=True) == before
-    assert record.name not in aff_zoo.weights.available_tags()
+    assert record.name not in aff_zoo.models.weights.available_tags()
 
 
 def test_hf_hub_repo_outside_registry_loads_safetensors_only(hub_inprocess, tmp_path):
@@ -278,7 +282,7 @@ def test_hf_hub_repo_outside_registry_loads_safetensors_only(hub_inprocess, tmp_
 
 def test_save_pretrained_channels_last_round_trip(tmp_path):
     model = timm.create_model('aff_resnet8', num_classes=4).to(memory_format=torch.channels_last).eval()
-    record = zhub.save_pretrained(model, tmp_path / 'aff_resnet8.cl', tag='cl')
+    record = zfolders.save_pretrained(model, tmp_path / 'aff_resnet8.cl', tag='cl')
     assert record.num_classes == 4 and record.tag == 'cl'
     loaded = timm.create_model('aff_resnet8', pretrained=True, num_classes=4,
                                pretrained_cfg_overlay=dict(file=str(tmp_path / 'aff_resnet8.cl')))

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import aff_zoo
-from aff_zoo.weights import WEIGHTS, registered_weights
+from aff_zoo.models._builder import registered_weights
+from aff_zoo.models.weights import WEIGHTS
 
 REPO_DIR = str(Path(__file__).resolve().parent.parent)
 

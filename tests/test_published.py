@@ -1,7 +1,7 @@
 """Every published CIFAR-10 weight file reproduces, on the validation split, the accuracy its record states.
 
 Loads the shipped ``hub/<name>/model.safetensors`` the way the issue asks a user to (timm with
-``pretrained_cfg_overlay=dict(file=...)``) and evaluates it with ``aff_zoo.evaluate``. Needs the
+``pretrained_cfg_overlay=dict(file=...)``) and evaluates it with ``aff_zoo.training.evaluate``. Needs the
 CIFAR-10 JPEG archive (``../shared/data/``); skips, saying why, where it is absent.
 """
 from pathlib import Path
@@ -12,8 +12,8 @@ import timm
 import aff_zoo  # noqa: F401  (registers the models)
 from aff_zoo.cli import _label_names
 from aff_zoo.data import load_images, split_train_val
-from aff_zoo.evaluate import evaluate
-from aff_zoo.weights import WEIGHTS
+from aff_zoo.training.evaluate import evaluate
+from aff_zoo.models.weights import WEIGHTS
 
 from _cifar_jpegs import ARCHIVE, archive_path
 

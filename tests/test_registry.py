@@ -9,9 +9,11 @@ import pytest
 import timm
 
 import aff_zoo
-from aff_zoo import cards, weights
-from aff_zoo.hub import validate_folder
-from aff_zoo.weights import WEIGHTS, registered_weights
+from aff_zoo.models import weights
+from aff_zoo.publish import cards
+from aff_zoo.publish.folders import validate_folder
+from aff_zoo.models._builder import registered_weights
+from aff_zoo.models.weights import WEIGHTS
 
 ROOT = Path(__file__).resolve().parent.parent
 

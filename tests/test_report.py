@@ -4,7 +4,7 @@ import json
 import pytest
 
 from aff_zoo.cli import main
-from aff_zoo.report import ablation_table, load_runs, replace_between_markers
+from aff_zoo.publish.report import ablation_table, load_runs, replace_between_markers
 
 
 def _run(root, model, seed, top1, lr=0.1):

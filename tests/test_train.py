@@ -73,7 +73,7 @@ def _ddp_worker(rank, world, init_file, folder, out_root, cache):
     import torch.distributed as dist
     import aff_zoo  # noqa: F401
     from aff_zoo.data import load_images, split_train_val
-    from aff_zoo.train import TrainConfig, train
+    from aff_zoo.training.train import TrainConfig, train
     os.environ['AFF_ZOO_CACHE'] = cache
     torch.set_num_threads(1)
     # file rendezvous: no TCP port to race for on a shared machine
@@ -112,8 +112,8 @@ def test_evaluate_reproduces_the_run(folder, tmp_path):
     import aff_zoo  # noqa: F401
     from aff_zoo.cli import main
     from aff_zoo.data import load_images, split_train_val
-    from aff_zoo.evaluate import evaluate
-    from aff_zoo.train import TrainConfig, train
+    from aff_zoo.training.evaluate import evaluate
+    from aff_zoo.training.train import TrainConfig, train
     os.environ['AFF_ZOO_CACHE'] = str(tmp_path / 'cache')
     train_ds, val_ds = split_train_val(load_images(folder, progress=False), 4)
     torch.manual_seed(0)

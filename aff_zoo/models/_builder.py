@@ -1,16 +1,18 @@
 """What every aff_zoo model file shares: default configs derived from the weights registry,
 and one ``build_aff_model`` that turns a bad tag or a missing weight into a clear error and
 loads only sha256-verified safetensors files."""
+import contextlib
 import sys
 import warnings
-from typing import Any, Callable, Dict, Iterable, Optional
+from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Tuple
 
 import torch
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg
 
-from ..weights import pretrained_cfg_entries, available_tags
+from . import weights as _weights
+from .weights import Weights, available_tags, pretrained_cfg_entries
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -35,7 +37,7 @@ _BASE_CFGS: Dict[str, Callable[..., Dict[str, Any]]] = {}  # arch -> its base cf
 
 def make_default_cfgs(archs, base_cfg: Callable[..., Dict[str, Any]]):
     """timm ``default_cfgs`` for ``archs``: one ``arch.tag`` entry per registered weight file
-    (see ``aff_zoo.weights``), or one untagged, weightless entry for an architecture without weights."""
+    (see ``aff_zoo.models.weights``), or one untagged, weightless entry for an architecture without weights."""
     cfgs = {}
     for arch in archs:
         _BASE_CFGS[arch] = base_cfg
@@ -49,7 +51,7 @@ def make_default_cfgs(archs, base_cfg: Callable[..., Dict[str, Any]]):
 
 def refresh_pretrained_cfgs(archs: Iterable[str]):
     """Re-derive timm's pretrained cfgs of ``archs`` from the registry as it is now (after
-    ``aff_zoo.weights.registered_weights`` changed it): rebuild the module's ``default_cfgs``
+    ``registered_weights`` changed it): rebuild the module's ``default_cfgs``
     entry and re-register the entrypoint, which makes timm drop the stale tags."""
     from timm.models import register_model
     from timm.models._registry import _model_entrypoints
@@ -60,6 +62,22 @@ def refresh_pretrained_cfgs(archs: Iterable[str]):
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')
             register_model(fn)
+
+
+@contextlib.contextmanager
+def registered_weights(*records: Weights, replace: bool = False) -> Iterator[Tuple[Weights, ...]]:
+    """Temporarily add ``records`` to the registry (or use only them with ``replace=True``), timm's
+    pretrained configs included; restored on exit. For tests and for trying a new record before
+    pasting it into ``WEIGHTS``."""
+    saved = _weights.WEIGHTS
+    archs = {w.arch for w in records} | ({w.arch for w in saved} if replace else set())
+    _weights.WEIGHTS = tuple(records) if replace else saved + tuple(w for w in records if w not in saved)
+    try:
+        refresh_pretrained_cfgs(archs)
+        yield _weights.WEIGHTS
+    finally:
+        _weights.WEIGHTS = saved
+        refresh_pretrained_cfgs(archs)
 
 
 def _has_weights(cfg) -> bool:
@@ -88,7 +106,7 @@ def build_aff_model(model_cls, variant: str, pretrained: bool, feature_cfg: Opti
                 f'Tags with weights: {", ".join(available_tags()) or "none yet"}. '
                 f'Use pretrained=False, pick one of those tags, or pass '
                 f'pretrained_cfg_overlay=dict(file="/path/to/model.safetensors").')
-        from ..hub import resolve_pretrained_file
+        from .pretrained import resolve_pretrained_file
         cfg = cfg.to_dict()
         resolved = resolve_pretrained_file(cfg)  # verified local safetensors file, or None: timm loads
         if resolved is not None:

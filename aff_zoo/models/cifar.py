@@ -21,7 +21,7 @@ from timm.models._features import feature_take_indices
 from timm.models import checkpoint_seq, register_model
 from timm.models.resnet import make_blocks
 
-from ..fusion import FUSIONS, create_fusion
+from ..layers.fusion import FUSIONS, create_fusion
 from ._builder import build_aff_model, check_image_batch, cifar_cfg, make_default_cfgs
 from .resnet import FusionBottleneck
 

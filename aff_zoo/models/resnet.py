@@ -18,7 +18,7 @@ import torch.nn as nn
 from timm.models import checkpoint_seq, register_model
 from timm.models.resnet import Bottleneck, ResNet
 
-from ..fusion import AddFusion, create_fusion
+from ..layers.fusion import AddFusion, create_fusion
 from ._builder import build_aff_model, check_image_batch, imagenet_cfg, make_default_cfgs
 
 __all__ = ['FusionBottleneck', 'AFFResNet']

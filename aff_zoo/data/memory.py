@@ -27,10 +27,10 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ._atomic import atomic_write
+from ..utils import atomic_write, sha256_file
 
 __all__ = [
-    'DataError', 'ImageArrays', 'load_images', 'split_train_val', 'cache_dir', 'file_sha256',
+    'DataError', 'ImageArrays', 'load_images', 'split_train_val', 'cache_dir',
     'gpu_augment', 'normalize', 'BatchLoader',
 ]
 
@@ -64,14 +64,6 @@ class ImageArrays:
 def cache_dir() -> str:
     """Where decoded arrays live: ``$AFF_ZOO_CACHE`` or ``~/.cache/aff_zoo`` (never the repository)."""
     return os.environ.get('AFF_ZOO_CACHE') or os.path.join(os.path.expanduser('~'), '.cache', 'aff_zoo')
-
-
-def file_sha256(path: str, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(chunk), b''):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _dir_sha256(files: Sequence[Tuple[str, str]]) -> str:
@@ -261,7 +253,7 @@ def load_images(
         listing = _list_dir(path, split)
         key = _dir_sha256(listing[0])
     else:
-        key = file_sha256(path)
+        key = sha256_file(path)
     cache_file = os.path.join(cache, f'{key}.{split}.v{_CACHE_VERSION}.npz')
     if os.path.exists(cache_file):
         try:

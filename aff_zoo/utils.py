@@ -1,5 +1,8 @@
-"""Atomic file writes: readers see the old file or the new one, never half of one."""
+"""The lowest layer: atomic file writes (readers see the old file or the new one, never half of one),
+file hashes, and the git commit of this code (recorded with every run and upload)."""
+import hashlib
 import os
+import subprocess
 from typing import Callable
 
 
@@ -51,3 +54,22 @@ def atomic_write_text(path: str, text: str):
         with open(tmp, 'w', newline='') as f:
             f.write(text)
     atomic_write(path, write)
+
+
+def sha256_file(path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(chunk), b''):
+            h.update(block)
+    return h.hexdigest()
+
+
+def git_commit() -> str:
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout
+        sha = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=root,
+                               capture_output=True, text=True, timeout=10)
+        return sha.stdout.strip() + ('-dirty' if dirty.stdout.strip() else '') if sha.returncode == 0 else 'unknown'
+    except (OSError, subprocess.SubprocessError):
+        return 'unknown'

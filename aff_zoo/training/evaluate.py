@@ -10,13 +10,51 @@ import time
 from typing import Any, Dict, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 
-from .data import BatchLoader, DataError, ImageArrays, load_images, split_train_val
-from ._atomic import atomic_write_text
-from .train import evaluate_loader
+from ..data import BatchLoader, DataError, ImageArrays, load_images, normalize, split_train_val
+from ..utils import atomic_write_text
 
 __all__ = ['evaluate', 'load_model', 'register_cli']
+
+
+def _dist_info():
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+@torch.no_grad()
+def evaluate_loader(model: nn.Module, loader: BatchLoader, device: torch.device, mean, std,
+                    channels_last: bool, num_classes: int, amp: bool = False) -> Dict[str, torch.Tensor]:
+    """Sums over this rank's shard: loss, top-1/top-5 hits, count, per-class confusion (all-reduced in DDP)."""
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    top1 = torch.zeros((), dtype=torch.long, device=device)
+    top5 = torch.zeros((), dtype=torch.long, device=device)
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
+    for images, labels in loader:
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        x = normalize(images, mean, std, channels_last)
+        with torch.autocast(device.type, enabled=amp and device.type == 'cuda'):
+            logits = model(x)
+        logits = logits.float()
+        loss_sum += F.cross_entropy(logits, labels, reduction='sum').double()
+        k = min(5, logits.shape[1])
+        pred = logits.topk(k, dim=1).indices
+        top1 += (pred[:, 0] == labels).sum()
+        top5 += (pred == labels[:, None]).any(dim=1).sum()
+        confusion += torch.bincount(labels * num_classes + pred[:, 0], minlength=num_classes ** 2).view(
+            num_classes, num_classes)
+    out = dict(loss_sum=loss_sum, top1=top1, top5=top5, confusion=confusion)
+    world, _ = _dist_info()
+    if world > 1:
+        for v in out.values():
+            dist.all_reduce(v)
+    out['count'] = out['confusion'].sum()
+    return out
 
 
 def evaluate(model: nn.Module, ds: ImageArrays, batch_size: int = 500, device: Optional[torch.device] = None,

@@ -17,7 +17,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from ._atomic import atomic_write
+from ..utils import atomic_write
 
 __all__ = [
     'ExportResult', 'export_torchscript', 'export_onnx', 'check_torchscript', 'check_onnx', 'convert',
@@ -198,7 +198,7 @@ def _load(name: str, args) -> nn.Module:
         kwargs['in_chans'] = args.in_chans
     model = timm.create_model(name, pretrained=args.pretrained, **kwargs)
     if args.checkpoint:
-        from .finetune import load_safetensors
+        from ..models.pretrained import load_safetensors
         load_safetensors(model, args.checkpoint)
     return model
 

@@ -21,7 +21,6 @@ import math
 import os
 import random
 import shlex
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -32,8 +31,9 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._atomic import atomic_write, atomic_write_text
-from .data import BatchLoader, ImageArrays, gpu_augment, normalize
+from ..utils import atomic_write, atomic_write_text, git_commit
+from ..data import BatchLoader, ImageArrays, gpu_augment, normalize
+from .evaluate import _dist_info, evaluate_loader
 
 __all__ = ['TrainConfig', 'train', 'CosineWarmup', 'register_cli']
 
@@ -170,59 +170,11 @@ def save_weights(model: nn.Module, path: str, metadata: Optional[Dict[str, str]]
     atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
 
 
-def git_commit() -> str:
-    try:
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        sha = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=root, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=root,
-                               capture_output=True, text=True, timeout=10)
-        return sha.stdout.strip() + ('-dirty' if dirty.stdout.strip() else '') if sha.returncode == 0 else 'unknown'
-    except (OSError, subprocess.SubprocessError):
-        return 'unknown'
-
-
-def _dist_info():
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
-
-
 def _mean_std(model: nn.Module):
     cfg = getattr(model, 'pretrained_cfg', None) or {}
     if 'mean' not in cfg or 'std' not in cfg:
         raise ValueError('The model has no pretrained_cfg mean/std; create it with timm.create_model.')
     return cfg['mean'], cfg['std']
-
-
-@torch.no_grad()
-def evaluate_loader(model: nn.Module, loader: BatchLoader, device: torch.device, mean, std,
-                    channels_last: bool, num_classes: int, amp: bool = False) -> Dict[str, torch.Tensor]:
-    """Sums over this rank's shard: loss, top-1/top-5 hits, count, per-class confusion (all-reduced in DDP)."""
-    model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    top1 = torch.zeros((), dtype=torch.long, device=device)
-    top5 = torch.zeros((), dtype=torch.long, device=device)
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
-    for images, labels in loader:
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        x = normalize(images, mean, std, channels_last)
-        with torch.autocast(device.type, enabled=amp and device.type == 'cuda'):
-            logits = model(x)
-        logits = logits.float()
-        loss_sum += F.cross_entropy(logits, labels, reduction='sum').double()
-        k = min(5, logits.shape[1])
-        pred = logits.topk(k, dim=1).indices
-        top1 += (pred[:, 0] == labels).sum()
-        top5 += (pred == labels[:, None]).any(dim=1).sum()
-        confusion += torch.bincount(labels * num_classes + pred[:, 0], minlength=num_classes ** 2).view(
-            num_classes, num_classes)
-    out = dict(loss_sum=loss_sum, top1=top1, top5=top5, confusion=confusion)
-    world, _ = _dist_info()
-    if world > 1:
-        for v in out.values():
-            dist.all_reduce(v)
-    out['count'] = out['confusion'].sum()
-    return out
 
 
 def _plot_curves(rows: List[Dict[str, Any]], path: str):
@@ -480,7 +432,7 @@ def recipe_command(args) -> str:
 def _cmd_train(args) -> int:
     import timm
     import aff_zoo  # noqa: F401  (registers the models)
-    from .data import DataError, load_images, split_train_val
+    from ..data import DataError, load_images, split_train_val
     distributed = init_distributed()
     try:
         _, rank = _dist_info()

@@ -1,4 +1,4 @@
-"""Model cards and the README weights table, generated from the registry (``aff_zoo.weights``), whose
+"""Model cards and the README weights table, generated from the registry (``aff_zoo.models.weights``), whose
 metrics and recipe come from the training logs at export time. Never edited by hand: ``aff-zoo cards``
 rewrites ``model_cards/<name>.md``, ``hub/<name>/README.md`` and the README table (the ``weights``
 section of ``aff_zoo.docs``, so ``scripts/update_readme.py`` writes it too);
@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import List, Sequence
 
 from .docs import SECTIONS, replace_section
-from .weights import CODE_REPO, Weights
+from ..models.weights import CODE_REPO, Weights
 
 
 _FUSION_TEXT = {
@@ -160,7 +160,7 @@ def expected_files(root, records: Sequence[Weights], all_sections: bool = True) 
 def write_cards(root, check: bool = False, all_sections: bool = True) -> List[Path]:
     """Rewrite the generated files that differ from the registry (``check``: only list them;
     ``all_sections=False``: of the README only the weights table, not the slower models table)."""
-    from . import weights
+    from ..models import weights
     stale = []
     for path, text in expected_files(root, weights.WEIGHTS, all_sections).items():
         if not path.is_file() or path.read_text() != text:

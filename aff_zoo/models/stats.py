@@ -26,3 +26,29 @@ def model_stats(name: str, **kwargs) -> Tuple[int, float]:
     with torch.device('meta'):
         model = timm.create_model(name, **kwargs)
         return param_count(model), gmacs(model, model.pretrained_cfg['input_size'])
+
+
+def models_table(pattern: str = '*', fmt: str = 'text') -> str:
+    """The zoo as a text or markdown table: family, fusion, input, params, GMACs, weight tags."""
+    from . import IMAGENET_MODELS, list_models
+    from .weights import available_tags
+    header = ['model', 'family', 'fusion', 'input', 'params (M)', 'GMACs', 'weights']
+    rows = []
+    for name in list_models(pattern):
+        tags = available_tags(name)
+        cfg = timm.get_pretrained_cfg(tags[0] if tags else name)
+        params, macs = model_stats(name)
+        rows.append([
+            name, 'ImageNet' if name in IMAGENET_MODELS else 'CIFAR', name.split('_', 1)[0],
+            'x'.join(map(str, cfg.input_size[1:])), f'{params / 1e6:.2f}', f'{macs:.3f}',
+            ', '.join(t.split('.', 1)[1] for t in tags) or '-',
+        ])
+    if not rows:
+        return ''
+    if fmt == 'markdown':
+        lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+        lines += ['| ' + ' | '.join(r) + ' |' for r in rows]
+    else:
+        widths = [max(len(x) for x in col) for col in zip(header, *rows)]
+        lines = ['  '.join(x.ljust(w) for x, w in zip(r, widths)).rstrip() for r in [header] + rows]
+    return '\n'.join(lines)

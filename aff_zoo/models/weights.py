@@ -3,15 +3,13 @@
 timm's pretrained configs (``default_cfgs``), the torch.hub entrypoints, the model cards and the
 README weights table are all derived from ``WEIGHTS``; ``tests/test_registry.py`` checks they agree.
 """
-import contextlib
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 __all__ = [
-    'Weights', 'WEIGHTS', 'hub_org', 'get_weights', 'find_weights', 'available_tags', 'pretrained_cfg_entries',
-    'registered_weights']
+    'Weights', 'WEIGHTS', 'hub_org', 'get_weights', 'find_weights', 'available_tags', 'pretrained_cfg_entries']
 
 PAPER_CITATION = """@inproceedings{dai21aff,
   title     = {Attentional Feature Fusion},
@@ -222,21 +220,3 @@ def available_tags(arch: Optional[str] = None) -> List[str]:
 def pretrained_cfg_entries(arch: str) -> List[Tuple[str, Dict[str, Any]]]:
     """``(arch.tag, cfg overrides)`` for timm's ``default_cfgs``, first tag = default."""
     return [(w.name, w.pretrained_cfg()) for w in WEIGHTS if w.arch == arch]
-
-
-@contextlib.contextmanager
-def registered_weights(*records: Weights, replace: bool = False) -> Iterator[Tuple[Weights, ...]]:
-    """Temporarily add ``records`` to the registry (or use only them with ``replace=True``), timm's
-    pretrained configs included; restored on exit. For tests and for trying a new record before
-    pasting it into ``WEIGHTS``."""
-    global WEIGHTS
-    from .models._builder import refresh_pretrained_cfgs
-    saved = WEIGHTS
-    archs = {w.arch for w in records} | ({w.arch for w in saved} if replace else set())
-    WEIGHTS = tuple(records) if replace else saved + tuple(w for w in records if w not in saved)
-    try:
-        refresh_pretrained_cfgs(archs)
-        yield WEIGHTS
-    finally:
-        WEIGHTS = saved
-        refresh_pretrained_cfgs(archs)

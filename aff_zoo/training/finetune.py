@@ -29,38 +29,15 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-__all__ = ['prepare_model', 'load_finetune_data', 'finetune', 'check_balance', 'load_safetensors', 'register_cli']
+from ..models.pretrained import load_safetensors
+
+__all__ = ['prepare_model', 'load_finetune_data', 'finetune', 'check_balance', 'register_cli']
 
 HUB_SUBDIR = 'hub'
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Weights
-
-
-def load_safetensors(model: nn.Module, path, strict: bool = True) -> None:
-    """Load a safetensors state dict, with one clear message for a head of another class count."""
-    from safetensors.torch import load_file
-    if not str(path).endswith('.safetensors'):
-        raise ValueError(f'{path}: only .safetensors weight files are loaded (pickled checkpoints never are).')
-    state = load_file(str(path))
-    head = model.get_classifier() if hasattr(model, 'get_classifier') else None
-    if isinstance(head, nn.Linear):
-        head_name = next(n for n, m in model.named_modules() if m is head)
-        w = state.get(f'{head_name}.weight')
-        if w is not None and w.shape[0] != head.out_features:
-            raise ValueError(
-                f'{path} holds a {w.shape[0]}-class head ({head_name}.weight {list(w.shape)}) but the model was '
-                f'built with {head.out_features} classes. Build it with num_classes={w.shape[0]} (--num-classes '
-                f'{w.shape[0]}) to use these weights as they are, or fine-tune them to {head.out_features} '
-                f'classes with `aff-zoo finetune`, which replaces the head.')
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    # Frozen (FrozenBatchNorm2d) checkpoints have no num_batches_tracked: the only tolerated difference.
-    missing = [k for k in missing if not k.endswith('num_batches_tracked')]
-    if strict and (missing or unexpected):
-        raise ValueError(
-            f'{path} does not fit this architecture: missing {missing[:5]}, unexpected {unexpected[:5]}. '
-            'Use the model name these weights were trained with.')
 
 
 def _classifier_names(model: nn.Module) -> List[str]:
@@ -186,7 +163,7 @@ def load_finetune_data(
 ):
     """(train, val) ImageArrays: ``<path>/train`` + ``<path>/<val_split>`` folders if present, else a fixed
     per-class split of ``<path>`` (the last ``val_fraction`` of each class's images, sorted by name)."""
-    from .data import load_images, split_train_val  # their DataError is a ValueError with a clear message
+    from ..data import load_images, split_train_val  # their DataError is a ValueError with a clear message
     train = load_images(path, split='train', progress=progress)
     counts = Counter({c: 0 for c in _class_folders(path, 'train') or ()})  # empty class folders count as 0
     counts.update(train.classes[i] for i in train.labels)
@@ -218,7 +195,7 @@ def write_folder(model: nn.Module, folder, classes: Sequence[str], metrics: Opti
     """``model.safetensors`` + ``config.json`` (timm's format, with ``label_names``), each written atomically."""
     from safetensors.torch import save_file
     from timm.models._hub import save_config_for_hf
-    from ._atomic import atomic_write
+    from ..utils import atomic_write
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}

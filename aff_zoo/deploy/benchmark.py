@@ -29,8 +29,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from ._atomic import atomic_write, atomic_write_text
-from .fusion import AFF, MSCAM, bottleneck_width, create_fusion, fuse_for_inference, iAFF
+from ..utils import atomic_write, atomic_write_text
+from ..layers.fusion import AFF, MSCAM, bottleneck_width, create_fusion, fuse_for_inference, iAFF
 
 __all__ = [
     'PortAFF', 'PortiAFF', 'port_from_fusion', 'benchmark_models', 'benchmark_fusions', 'register_cli', 'main',
@@ -285,7 +285,7 @@ def benchmark_models(
     (``fuse_for_inference``); timm's peers run as timm builds them. Training is timed on the unfused model.
     """
     import timm
-    from . import models as _  # noqa: F401  (registers the zoo)
+    from .. import models as _  # noqa: F401  (registers the zoo)
     dev = torch.device(device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     train_bs = train_batch_size or batch_size
@@ -373,7 +373,7 @@ def benchmark_models(
 
 
 def _zoo_names() -> List[str]:
-    from .models import list_models
+    from ..models import list_models
     return list_models()
 
 

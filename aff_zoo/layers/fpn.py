@@ -29,7 +29,7 @@ class AFFFPN(nn.Module):
         out_channels: channels of every pyramid level.
         extra_blocks: torchvision ``ExtraFPNBlock`` (e.g. ``LastLevelMaxPool``) applied after the pyramid.
         norm_layer: optional norm for the lateral and output convs (torchvision's argument).
-        fusion: ``'aff'``, ``'iaff'``, ``'add'`` or any other name in ``aff_zoo.fusion.FUSIONS``.
+        fusion: ``'aff'``, ``'iaff'``, ``'add'`` or any other name in ``aff_zoo.layers.fusion.FUSIONS``.
         fusion_r: MS-CAM channel reduction r.
         fusion_scale: output scale of the selection fusions (2 = behaves like addition at w = 0.5).
     """

@@ -12,7 +12,7 @@ import statistics
 import sys
 from typing import Dict, List, Optional, Sequence
 
-from ._atomic import atomic_write_text
+from ..utils import atomic_write_text
 
 __all__ = ['load_runs', 'ablation_table', 'checkpoint_table', 'register_cli']
 

@@ -16,7 +16,7 @@ import torch.nn as nn
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
 
-from .fpn import AFFFPN
+from ..layers.fpn import AFFFPN
 
 __all__ = ['AFFBackboneWithFPN', 'aff_fasterrcnn']
 

@@ -21,12 +21,12 @@ def read_section(text: str, name: str) -> str:
 
 
 def _models_table() -> str:
-    from .cli import models_table
+    from ..models.stats import models_table
     return models_table(fmt='markdown')
 
 
 def _weights_table() -> str:
-    from . import weights
+    from ..models import weights
     from .cards import weights_table
     return weights_table(weights.WEIGHTS)
 

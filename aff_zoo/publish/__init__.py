@@ -1,0 +1,1 @@
+"""Publishing: checkpoint folders, model cards, upload, and the generated README/docs tables."""
