@@ -1,7 +1,9 @@
 """The lowest layer: atomic file writes (readers see the old file or the new one, never half of one),
-file hashes, and the git commit of this code (recorded with every run and upload)."""
+file hashes, the git commit of this code (recorded with every run and upload), and the one splicer of
+generated sections into markdown pages."""
 import hashlib
 import os
+import re
 import subprocess
 from typing import Callable
 
@@ -73,3 +75,25 @@ def git_commit() -> str:
         return sha.stdout.strip() + ('-dirty' if dirty.stdout.strip() else '') if sha.returncode == 0 else 'unknown'
     except (OSError, subprocess.SubprocessError):
         return 'unknown'
+
+
+def _section_pattern(name: str) -> 're.Pattern':
+    return re.compile(rf'(<!-- {re.escape(name)}:start -->\n)(.*?)(<!-- {re.escape(name)}:end -->)', re.S)
+
+
+def replace_section(text: str, name: str, content: str) -> str:
+    """``text`` with the part between ``<!-- name:start -->`` and ``<!-- name:end -->`` replaced by ``content``
+    (the README's and docs pages' generated tables; every generator writes through this)."""
+    if not _section_pattern(name).search(text):
+        raise ValueError(f'no <!-- {name}:start --> ... <!-- {name}:end --> markers in the page; add them where '
+                         f'the generated text goes.')
+    return _section_pattern(name).sub(lambda m: m.group(1) + content.rstrip('\n') + '\n' + m.group(3), text,
+                                      count=1)
+
+
+def read_section(text: str, name: str) -> str:
+    """The text between the ``name`` markers."""
+    m = _section_pattern(name).search(text)
+    if m is None:
+        raise ValueError(f'no <!-- {name}:start --> ... <!-- {name}:end --> markers in the page')
+    return m.group(2)
