@@ -5,7 +5,8 @@ import hashlib
 import os
 import re
 import subprocess
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Dict, List
 
 
 def _alive(pid: int) -> bool:
@@ -75,6 +76,17 @@ def git_commit() -> str:
         return sha.stdout.strip() + ('-dirty' if dirty.stdout.strip() else '') if sha.returncode == 0 else 'unknown'
     except (OSError, subprocess.SubprocessError):
         return 'unknown'
+
+
+def write_changed(files: Dict[Path, str], check: bool = False) -> List[Path]:
+    """Write each ``{path: text}`` whose file is missing or differs (atomically) and return those paths;
+    ``check``: write nothing, only return them (generated files: cards, README and docs sections)."""
+    stale = [Path(p) for p, text in files.items() if not Path(p).is_file() or Path(p).read_text() != text]
+    if not check:
+        for path in stale:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(str(path), files[path])
+    return stale
 
 
 def _section_pattern(name: str) -> 're.Pattern':

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import List, Sequence
 
 from ..models.weights import CODE_REPO, Weights
-from ..utils import replace_section
+from ..utils import replace_section, write_changed
 
 
 _FUSION_TEXT = {
@@ -157,11 +157,4 @@ def write_cards(root, check: bool = False) -> List[Path]:
     """Rewrite the cards and the README weights table where they differ from the registry (``check``: only
     list them)."""
     from ..models import weights
-    stale = []
-    for path, text in expected_files(root, weights.WEIGHTS).items():
-        if not path.is_file() or path.read_text() != text:
-            stale.append(path)
-            if not check:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(text)
-    return stale
+    return write_changed(expected_files(root, weights.WEIGHTS), check)

@@ -7,7 +7,7 @@ docs/training.md``), into the same kind of ``<!-- name:start -->`` / ``<!-- name
 from pathlib import Path
 from typing import Callable, Dict, List, NamedTuple, Optional
 
-from ..utils import read_section, replace_section  # noqa: F401  (the one splicer; re-exported for callers)
+from ..utils import read_section, replace_section, write_changed  # noqa: F401  (read_section: re-exported)
 
 
 def _models_table() -> str:
@@ -58,14 +58,7 @@ def generated_files(root, records=None) -> Dict[Path, str]:
 
 def write_generated(root='.', check: bool = False) -> List[Path]:
     """Rewrite the generated files that are stale and return them (``check``: only return them)."""
-    stale = []
-    for path, text in generated_files(root).items():
-        if not path.is_file() or path.read_text() != text:
-            stale.append(path)
-            if not check:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(text)
-    return stale
+    return write_changed(generated_files(root), check)
 
 
 def update_readme(root: Optional[str] = None) -> List[Path]:

@@ -1,4 +1,4 @@
-"""README tables from run directories (their metrics.json), so every figure shown comes from a log.
+"""Tables for docs/training.md from run directories (their metrics.json), so every figure shown comes from a log.
 
 ``aff-zoo runs-table --kind ablation RUN_DIR...`` groups runs by model (seeds pooled) and prints
 val top-1 mean ± sample std over seeds, params and training images/s; ``--kind checkpoints`` prints one
