@@ -200,8 +200,7 @@ def _check_device(device) -> Optional[torch.device]:
 def load_model(name: str, pretrained: bool = False, device=None, **kwargs) -> torch.nn.Module:
     """``timm.create_model`` on the CPU, then moved to ``device`` (so GPU-trained files load anywhere).
     The torch.hub entrypoints in ``hubconf.py`` are this function with the model name filled in."""
-    import timm
-    from .. import models  # noqa: F401  registers the models with timm
+    import timm  # the models are registered: importing this module ran aff_zoo/__init__ (models) first
     device = _check_device(device)
     model = timm.create_model(name, pretrained=pretrained, **kwargs)
     return model.to(device) if device is not None else model
