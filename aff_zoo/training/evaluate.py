@@ -94,10 +94,11 @@ def read_checkpoint(path: str) -> Dict[str, Any]:
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0].split('. ')[0]  # torch's cause, not its essay
         raise ValueError(
             f'{path} cannot be read as a training checkpoint ({first}): it is truncated or damaged (an interrupted '
-            f'copy?) or not a checkpoint.pt. Copy it again, or use the run folder\'s model.safetensors.') from None
+            f'copy?) or not a checkpoint.pt. Copy it again, or evaluate the run folder\'s model.safetensors '
+            f'(the best weights) with --checkpoint.') from None
 
 
 def load_model(name: str, checkpoint: Optional[str] = None, pretrained: bool = False, num_classes: int = 10):
