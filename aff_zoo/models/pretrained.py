@@ -23,7 +23,7 @@ from ..utils import sha256_file
 from .weights import Weights, find_weights
 
 __all__ = [
-    'HashMismatchError', 'WeightsUnavailableError', 'shipped_folder', 'weights_file',
+    'HashMismatchError', 'WeightsUnavailableError', 'shipped_root', 'shipped_folder', 'weights_file',
     'resolve_pretrained_file', 'load_model', 'create_model', 'load_safetensors', 'read_state_dict',
     'check_state_dict', 'fit_state_dict', 'file_label_names']
 
@@ -42,10 +42,21 @@ class WeightsUnavailableError(RuntimeError):
     """No verified copy of a weight file could be found or downloaded."""
 
 
+PACKAGE_SHIPPED = Path(__file__).resolve().parents[1] / '_shipped'  # hub/ as the wheel installs it
+
+
+def shipped_root() -> Path:
+    """The folder of shipped weight folders: ``AFF_ZOO_HUB_DIR`` if set (an empty one: always use the Hub),
+    else ``hub/`` of this checkout, else the copy a ``pip install .`` put in the package (``aff_zoo/_shipped``)."""
+    if os.environ.get('AFF_ZOO_HUB_DIR'):
+        return Path(os.environ['AFF_ZOO_HUB_DIR'])
+    checkout = REPO_ROOT / 'hub'
+    return checkout if checkout.is_dir() or not PACKAGE_SHIPPED.is_dir() else PACKAGE_SHIPPED
+
+
 def shipped_folder(record: Weights) -> Path:
-    """``hub/<arch>.<tag>/`` in this repository: the folder exactly as its Hub repo holds it.
-    ``AFF_ZOO_HUB_DIR`` names another folder of such folders (an empty one: always use the Hub)."""
-    return Path(os.environ.get('AFF_ZOO_HUB_DIR') or REPO_ROOT / 'hub') / record.name
+    """``<shipped_root>/<arch>.<tag>/``: the folder exactly as its Hub repo holds it."""
+    return shipped_root() / record.name
 
 
 def verify_file(path, record: Weights, source: str) -> str:
@@ -116,14 +127,14 @@ def hub_download(repo_id: str, filename: str, name: str, revision: Optional[str]
 
 def weights_file(record: Weights) -> str:
     """A local, sha256-verified copy of ``record``'s file: the Hugging Face cache, else the folder shipped
-    in this repository (``hub/<name>/``, so a clone works offline), else a download from the Hub."""
+    in this repository or package (``hub/<name>/``, so a clone or an install works offline), else the Hub."""
     from huggingface_hub import try_to_load_from_cache
     cached = try_to_load_from_cache(record.hf_hub_id, record.filename)
     if isinstance(cached, str):
         return verify_file(cached, record, 'the Hugging Face cache')
     shipped = shipped_folder(record) / record.filename
     if shipped.is_file():
-        return verify_file(shipped, record, 'the folder shipped in this repository')
+        return verify_file(shipped, record, 'the folder shipped in this repository (or package)')
     path = hub_download(record.hf_hub_id, record.filename, record.name)
     return verify_file(path, record, f'the Hub at {_endpoint()}')
 
