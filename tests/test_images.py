@@ -139,6 +139,16 @@ def test_unreadable_inputs(tmp_path):
         load_rgb(cut)
 
 
+def test_to_rgb_as_a_timm_dataset_conversion(tmp_path):
+    """timm's ImageDataset with input_img_mode=None hands the lazily opened file to to_rgb (the streaming loader)."""
+    from timm.data import ImageDataset
+    (tmp_path / 'a').mkdir()
+    Image.fromarray(np.array([[0, 32896], [65535, 257]], dtype=np.uint16)).save(tmp_path / 'a' / 'x.png')
+    ds = ImageDataset(str(tmp_path), input_img_mode=None, transform=to_rgb)
+    img, target = ds[0]
+    assert target == 0 and _px(img) == [[0] * 3, [128] * 3, [255] * 3, [1] * 3]
+
+
 def test_data_sets_use_the_reader(tmp_path):
     """The in-memory data path decodes a 16-bit PNG and an RGBA PNG like load_rgb, not by clipping."""
     from aff_zoo.data import load_images

@@ -101,6 +101,10 @@ def to_rgb(img, background: Tuple[int, int, int] = BACKGROUND, name: str = None)
     global _warned_animated
     from PIL import Image, ImageOps
     name = name or _describe(img)
+    try:
+        img.load()  # an image opened lazily elsewhere (e.g. by a timm dataset) is decoded here
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f'cannot read {name} as an image ({e}); the file is corrupt or truncated.') from None
     if getattr(img, 'is_animated', False) and getattr(img, 'n_frames', 1) > 1:
         if not _warned_animated:
             warnings.warn(f'{name} is animated ({img.n_frames} frames); only its first frame is used '
