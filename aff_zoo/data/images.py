@@ -23,7 +23,7 @@ PNG turns white), drops alpha without looking at it and ignores the EXIF orienta
 import io
 import os
 import warnings
-from typing import Tuple, Union
+from typing import Any, Tuple, Union
 
 import numpy as np
 
@@ -127,7 +127,7 @@ def to_rgb(img, background: Tuple[int, int, int] = BACKGROUND, name: str = None)
         raise ImageError(f'{name}: images of mode {mode} cannot be converted to RGB ({e}).') from None
 
 
-def load_rgb(src: Union[str, os.PathLike, bytes, 'io.IOBase', 'Image.Image'], name: str = None,
+def load_rgb(src: Union[str, os.PathLike, bytes, Any], name: str = None,
              background: Tuple[int, int, int] = BACKGROUND):
     """A path, bytes, file object or PIL image -> an 8-bit RGB PIL image; ``ImageError`` if unreadable."""
     name = name or _describe(src)

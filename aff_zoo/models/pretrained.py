@@ -4,8 +4,9 @@
 Every weight file loaded for a registry record is checked against the record's sha256 first, and
 only safetensors files are ever loaded. A user's file (no hash to check) is checked instead: a readable
 safetensors file, the tensor names of the requested architecture, every tensor finite, no absurd magnitude;
-its label names come from the ``config.json`` beside it, never from the registry's default tag. The Hub client honours ``HF_ENDPOINT``, ``HF_HOME``,
-``HF_HUB_CACHE``, ``HF_HUB_OFFLINE`` and ``HF_TOKEN`` as usual (all read when it is imported).
+its label names come from the ``config.json`` beside it, never from the registry's default tag.
+The Hub client honours ``HF_ENDPOINT``, ``HF_HOME``, ``HF_HUB_CACHE``, ``HF_HUB_OFFLINE`` and ``HF_TOKEN``
+as usual (all read when it is imported).
 """
 import difflib
 import functools
@@ -14,7 +15,7 @@ import os
 import socket
 import warnings
 from pathlib import Path
-from typing import Any, Dict, FrozenSet, List, Optional, Sequence, Tuple
+from typing import Any, Dict, FrozenSet, List, Optional, Tuple
 from urllib.parse import urlparse
 
 import torch
