@@ -52,36 +52,48 @@ def _cmd_list(args) -> int:
 
 
 def _load_image(path: str):
-    from PIL import Image, UnidentifiedImageError
-    try:
-        return Image.open(path).convert('RGB')
-    except FileNotFoundError:
-        raise SystemExit(f'aff-zoo classify: no such image file: {path}')
-    except (UnidentifiedImageError, OSError) as e:
-        raise SystemExit(f'aff-zoo classify: cannot read {path} as an image ({e}); give a JPEG/PNG file.')
+    from .data.images import load_rgb  # the one reader: 16-bit, alpha, CMYK, EXIF, animations (ImageError)
+    return load_rgb(path)
 
 
-def _label_names(model) -> Optional[List[str]]:
+def _parse_label_names(value: Optional[str]) -> Optional[List[str]]:
+    """``--label-names``: a text file with one name per line, or names separated by commas."""
+    import os
+    if not value:
+        return None
+    if os.path.isfile(value):
+        with open(value, encoding='utf-8') as f:
+            return [line.strip() for line in f if line.strip()]
+    return [n.strip() for n in value.split(',')]
+
+
+def _label_names(model, given: Optional[List[str]] = None, weights_loaded: bool = True) -> Optional[List[str]]:
+    """Names of the loaded weights only: ``--label-names``, else the weights' own (registry record, or the
+    config.json beside a --weights file), else none (``class 3``); never another model's."""
+    if given:
+        if len(given) != model.num_classes:
+            raise ValueError(f'--label-names gives {len(given)} names but the model has {model.num_classes} classes.')
+        return given
+    if not weights_loaded:
+        return None
     names = model.pretrained_cfg.get('label_names')
     if names and len(names) == model.num_classes:
         return list(names)
-    if model.pretrained_cfg.get('num_classes') == 1000 and model.num_classes == 1000:
-        from timm.data import ImageNetInfo
-        return list(ImageNetInfo().label_descriptions(as_dict=True).values())
     return None
 
 
 def _cmd_classify(args) -> int:
-    import timm
     import torch
     from timm.data import create_transform, resolve_data_config
-    kwargs = {}
+    from .models.pretrained import create_model
+    given = _parse_label_names(args.label_names)
     if args.weights:
-        kwargs = dict(pretrained=True, pretrained_cfg_overlay=dict(file=args.weights))
-    elif args.pretrained:
-        kwargs = dict(pretrained=True)
-    model = timm.create_model(args.model, **kwargs).eval()
-    if not kwargs:
+        model = create_model(args.model, weights=args.weights)
+    else:
+        model = create_model(args.model, pretrained=args.pretrained)
+    model.eval()
+    loaded = bool(args.weights or args.pretrained)
+    if not loaded:
         from .models.weights import available_tags
         tags = available_tags(args.model.split('.', 1)[0])
         hint = (f'add --pretrained (trained weights: {", ".join(tags)})' if tags else
@@ -90,7 +102,7 @@ def _cmd_classify(args) -> int:
         print(f'WARNING: {args.model} is a randomly initialised network (no --pretrained or --weights): the labels '
               f'below are those of an untrained network, not predictions. To classify, {hint}.', file=sys.stderr)
     transform = create_transform(**resolve_data_config({}, model=model))
-    labels = _label_names(model)
+    labels = _label_names(model, given, loaded)
     batch = torch.stack([transform(_load_image(p)) for p in args.images])
     with torch.no_grad():
         probs = model(batch).softmax(-1)
@@ -115,7 +127,9 @@ def register_cli(sub) -> None:
     p.add_argument('--model', '-m', default=DEFAULT_MODEL,
                    help=f'model name, optionally with a weights tag (default {DEFAULT_MODEL})')
     p.add_argument('--pretrained', action='store_true', help='load the published weights of --model')
-    p.add_argument('--weights', help='a local model.safetensors to load instead')
+    p.add_argument('--weights', help='a local model.safetensors to load instead (its class names: the '
+                   'config.json beside it, or --label-names)')
+    p.add_argument('--label-names', help='class names: a text file (one per line) or "cat,dog,..."')
     p.add_argument('--topk', type=int, default=5)
     p.set_defaults(func=_cmd_classify)
 
@@ -155,9 +169,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser(command).parse_args(argv)
     try:
         return args.func(args) or 0
-    except (ValueError, RuntimeError, KeyError) as e:
+    except (ValueError, RuntimeError, KeyError, OSError) as e:
         # Our errors are written to be read: show the message, not a traceback.
-        print(f'aff-zoo {args.command}: error: {e}', file=sys.stderr)
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f'aff-zoo {args.command}: error: {msg}', file=sys.stderr)
         return 2
 
 

@@ -28,15 +28,16 @@ import numpy as np
 import torch
 
 from ..utils import atomic_write, sha256_file
+from .images import ImageError, decode_rgb_array
 
 __all__ = [
     'DataError', 'ImageArrays', 'load_images', 'split_train_val', 'cache_dir',
     'gpu_augment', 'normalize', 'BatchLoader',
 ]
 
-IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.ppm', '.webp')
+IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.ppm', '.webp', '.tif', '.tiff', '.gif')
 VAL_PER_CLASS = 500
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: images read by data.images (16-bit scaled, alpha composited, EXIF applied)
 
 
 class DataError(ValueError):
@@ -77,12 +78,10 @@ def _dir_sha256(files: Sequence[Tuple[str, str]]) -> str:
 
 
 def _decode(data: bytes, name: str) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            return np.asarray(im.convert('RGB'), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError) as e:
-        raise DataError(f'Cannot decode image {name!r} ({e}); the file is corrupt or not an image.') from e
+        return decode_rgb_array(data, name)
+    except ImageError as e:
+        raise DataError(f'Cannot decode image {name!r}: {e}') from e
 
 
 def _group_imagefolder(names: Sequence[str], split: str, source: str) -> Dict[str, List[str]]:

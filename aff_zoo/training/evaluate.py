@@ -101,20 +101,37 @@ def evaluate(model: nn.Module, ds: ImageArrays, batch_size: int = 500, device: O
     )
 
 
+def read_checkpoint(path: str) -> Dict[str, Any]:
+    """A training ``checkpoint.pt`` (``weights_only=True``), or a ``ValueError`` with the path and what to do."""
+    import pickle
+    import zipfile
+    if not os.path.isfile(path):
+        raise ValueError(f'no such checkpoint file: {path}')
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0].split('. ')[0]  # torch's cause, not its essay
+        raise ValueError(
+            f'{path} cannot be read as a training checkpoint ({first}): it is truncated or damaged (an interrupted '
+            f'copy?) or not a checkpoint.pt. Copy it again, or evaluate the run folder\'s model.safetensors '
+            f'(the best weights) with --checkpoint.') from None
+
+
 def load_model(name: str, checkpoint: Optional[str] = None, pretrained: bool = False, num_classes: int = 10):
     """A timm model with weights from a checkpoint/safetensors file or its published weights."""
-    import timm
-    import aff_zoo  # noqa: F401
+    from ..models.pretrained import check_state_dict, create_model, load_checked_state
     if checkpoint and checkpoint.endswith('.safetensors'):
-        return timm.create_model(name, pretrained=True, num_classes=num_classes,
-                                 pretrained_cfg_overlay=dict(file=os.path.abspath(checkpoint)))
-    model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes)
+        return create_model(name, weights=os.path.abspath(checkpoint), num_classes=num_classes)
+    model = create_model(name, pretrained=pretrained, num_classes=num_classes)
     if checkpoint:
-        state = torch.load(checkpoint, map_location='cpu', weights_only=True)
+        state = read_checkpoint(checkpoint)
         if isinstance(state, dict) and 'model' in state:  # a training checkpoint: the EMA weights if it has them
             ema = state.get('ema')
             state = {k[len('module.'):]: v for k, v in ema.items()} if ema else state['model']
-        model.load_state_dict(state)
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ValueError(f'{checkpoint} holds no model state dict; pass a checkpoint.pt written by aff-zoo train.')
+        check_state_dict(state, checkpoint)
+        load_checked_state(model, state, checkpoint)
     return model
 
 
