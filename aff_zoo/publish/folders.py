@@ -13,7 +13,7 @@ import torch
 
 from ..models.pretrained import CURVES_NAME, WEIGHTS_NAME
 from ..models.weights import Weights
-from ..utils import sha256_file
+from ..utils import save_safetensors, sha256_file
 from .cards import model_card
 
 
@@ -38,7 +38,6 @@ def save_pretrained(
     architecture, num_classes, num_features, pretrained_cfg) and ``README.md`` (the model card), plus
     ``training_curves.png`` when ``curves`` is given. Returns the ``Weights`` record describing the file
     (paste it into ``aff_zoo/models/weights.py`` to register it)."""
-    from safetensors.torch import save_file
     from timm.models._hub import save_config_for_hf
     folder = Path(folder)
     cfg = dict(model.pretrained_cfg)
@@ -50,9 +49,7 @@ def save_pretrained(
     folder.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f'.{folder.name}.') as tmp:
         tmp = Path(tmp)
-        # weights: contiguous CPU copies (a channels_last or CUDA model saves as is); config: timm's own writer
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata={'format': 'pt'})
+        save_safetensors(model, tmp / WEIGHTS_NAME)  # config: timm's own writer
         save_config_for_hf(model, tmp / 'config.json', model_config=dict(pretrained_cfg=pcfg))
         record = replace(probe, sha256=sha256_file(tmp / WEIGHTS_NAME), size=(tmp / WEIGHTS_NAME).stat().st_size)
         if curves:

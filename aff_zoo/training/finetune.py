@@ -193,13 +193,11 @@ def load_finetune_data(
 
 def write_folder(model: nn.Module, folder, classes: Sequence[str], metrics: Optional[dict] = None) -> Path:
     """``model.safetensors`` + ``config.json`` (timm's format, with ``label_names``), each written atomically."""
-    from safetensors.torch import save_file
     from timm.models._hub import save_config_for_hf
-    from ..utils import atomic_write
+    from ..utils import atomic_write, save_safetensors
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write(str(folder / 'model.safetensors'), lambda tmp: save_file(state, tmp, metadata={'format': 'pt'}))
+    save_safetensors(model, folder / 'model.safetensors')
     atomic_write(str(folder / 'config.json'), lambda tmp: save_config_for_hf(
         model, tmp, model_config=dict(
             label_names=list(classes), **({'finetune_metrics': metrics} if metrics else {}),

@@ -31,7 +31,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..utils import atomic_write, atomic_write_text, git_commit
+from ..utils import atomic_write, atomic_write_text, git_commit, save_safetensors
 from ..data import BatchLoader, ImageArrays, gpu_augment, normalize
 from .evaluate import _dist_info, evaluate_loader
 
@@ -161,13 +161,6 @@ def set_rng_state(state: Dict[str, Any]):
 
 def atomic_torch_save(obj: Any, path: str):
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
-
-def save_weights(model: nn.Module, path: str, metadata: Optional[Dict[str, str]] = None):
-    """Weights only, safetensors, atomically (contiguous copies, so channels_last is fine)."""
-    from safetensors.torch import save_file
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
 
 
 def _mean_std(model: nn.Module):
@@ -348,7 +341,7 @@ def train(
                         epoch=epoch + 1)
         if rank == 0:
             if is_best:
-                save_weights(eval_model, os.path.join(out_dir, 'model.safetensors'))
+                save_safetensors(eval_model, os.path.join(out_dir, 'model.safetensors'))
             state = dict(
                 model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                 scaler=scaler.state_dict(), ema=ema.state_dict() if ema is not None else None, rng=rng_state(),
