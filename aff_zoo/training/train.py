@@ -8,7 +8,16 @@
 * ``log.csv`` / ``log.json``  one row per epoch (loss, accuracy, lr, seconds, images/s).
 * ``curves.png``      loss and accuracy curves.
 * ``model.safetensors``  the best weights (by validation top-1), weights only.
-* ``metrics.json``    best val top-1/top-5, epochs, the exact command, git commit, dataset sha256.
+* ``metrics.json``    best val top-1/top-5, epochs, the exact command, git commit, dataset sha256, the run
+                      configuration and any ``--resume-override`` (original and new values).
+
+The folder appears when the first epoch ends: a run that diverges or is stopped before leaves nothing. A NaN/inf
+loss stops the run at once (CLI: one line, exit code 2) and the last good checkpoint stays as it was. ``--resume``
+refuses a checkpoint of another recipe, data or model, naming each differing field, unless
+``--resume-override FIELD,...`` allows them; the lr schedule is then the new settings' from the resumed epoch.
+``--recipe NAME`` fills in a named preset (``RECIPES``; explicit flags win) and prints the full command.
+CUDA: AMP (bfloat16 where supported, else float16 with a GradScaler), channels_last, ``--compile``,
+``--accum-steps``; images/s and ETA in the progress bar and log.csv.
 
 Distributed: run under ``torchrun``; each rank trains on its shard (``DistributedSampler``), rank 0 alone
 writes files.
@@ -99,7 +108,7 @@ def create_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimize
     if not cfg.backbone_lr_scale > 0:
         raise ValueError(f'backbone_lr_scale must be > 0, got {cfg.backbone_lr_scale}')
     if cfg.no_wd_bn_bias and cfg.weight_decay:
-        groups = param_groups_weight_decay(model, cfg.weight_decay)
+        groups = param_groups_weight_decay(model, cfg.weight_decay)[::-1]  # decay first: older checkpoints load
     else:
         groups = [dict(params=[p for p in model.parameters() if p.requires_grad], weight_decay=cfg.weight_decay)]
     if cfg.backbone_lr_scale != 1.0:
@@ -184,7 +193,8 @@ def _write_logs(rows: List[Dict[str, Any]], out_dir: str):
 
     def write_csv(tmp):
         with open(tmp, 'w', newline='') as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            names = list(dict.fromkeys(k for r in rows for k in r))  # rows of an older version may lack columns
+            w = csv.DictWriter(f, fieldnames=names, restval='')
             w.writeheader()
             w.writerows(rows)
     atomic_write(os.path.join(out_dir, 'log.csv'), write_csv)
@@ -319,9 +329,13 @@ def train(
         start_epoch, rows, best = state['epoch'], state['log'], state['best']
         overrides = list(state.get('resume_overrides', [])) + [
             dict(field=k, original=a, new=b, from_epoch=start_epoch + 1) for k, (a, b) in changes.items()]
-        model.load_state_dict(state['model'])
         fresh = [{k: v for k, v in g.items() if k != 'params'} for g in optimizer.param_groups]
-        optimizer.load_state_dict(state['optimizer'])
+        try:
+            model.load_state_dict(state['model'])
+            optimizer.load_state_dict(state['optimizer'])
+        except (RuntimeError, ValueError, KeyError) as e:  # e.g. a checkpoint of an older aff-zoo (other groups)
+            raise RunError(f'{ckpt_path} does not fit this run ({str(e).splitlines()[0]}); it was written by another '
+                           'model or aff-zoo version: resume with that version, or use a new --output.') from None
         for g, f in zip(optimizer.param_groups, fresh):  # the hyper-parameters are this run's (overrides)
             g.update(f)
         if state.get('scaler') and scaler.is_enabled():
@@ -452,6 +466,8 @@ def train(
     )
     if rank == 0:
         os.makedirs(out_dir, exist_ok=True)
+        if rows and start_epoch >= cfg.epochs:  # nothing left to train: logs as the checkpoint has them
+            _write_logs(rows, out_dir)
         atomic_write_text(os.path.join(out_dir, 'metrics.json'), json.dumps(metrics, indent=1))
     return metrics
 
@@ -641,7 +657,7 @@ def _cmd_train(args) -> int:
             metrics = train(model, train_ds, val_ds, cfg, args.output, resume=args.resume,
                             resume_override=_overrides(args.resume_override),
                             run_info=dict(train_subset=args.train_subset, drop_path=args.drop_path))
-        except (RunError, TrainingDiverged) as e:
+        except (ValueError, TrainingDiverged) as e:  # RunError and the loop's other clear errors
             print(f'error: {e}', file=sys.stderr)
             return 2
         if rank == 0:
