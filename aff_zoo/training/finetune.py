@@ -237,9 +237,10 @@ def _cmd_finetune(args) -> int:
             args.model, len(train_ds.classes), pretrained=args.pretrained, in_chans=args.in_chans,
             img_size=args.img_size, freeze_backbone=args.freeze_backbone, drop_rate=args.drop)
         run_info = {k: getattr(args, k) for k in ('pretrained', 'img_size', 'in_chans', 'freeze_backbone', 'drop',
-                                                  'val_fraction', 'val_split')}
+                                                  'val_fraction')}
+        run_info.update(model_name=args.model, val_folder=args.val_split)
         metrics = finetune(model, train_ds, val_ds, cfg, args.output, resume=args.resume,
-                           resume_override=_overrides(args.resume_override), run_info=dict(run_info, model_name=args.model))
+                           resume_override=_overrides(args.resume_override), run_info=run_info)
     except (ValueError, RuntimeError, RunError, TrainingDiverged) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
