@@ -1,12 +1,12 @@
 """The lowest layer: atomic file writes (readers see the old file or the new one, never half of one),
-file hashes, the git commit of this code (recorded with every run and upload), and the one splicer of
-generated sections into markdown pages."""
+the one safetensors writer, file hashes, the git commit of this code (recorded with every run and
+upload), and the one splicer of generated sections into markdown pages."""
 import hashlib
 import os
 import re
 import subprocess
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 
 def _alive(pid: int) -> bool:
@@ -57,6 +57,15 @@ def atomic_write_text(path: str, text: str):
         with open(tmp, 'w', newline='') as f:
             f.write(text)
     atomic_write(path, write)
+
+
+def save_safetensors(model_or_state, path, metadata: Optional[Dict[str, str]] = None):
+    """The one safetensors writer (run folders, fine-tune folders, Hub folders): contiguous CPU copies, so a
+    channels_last or CUDA model saves as is; ``format: pt`` metadata as timm and transformers expect; atomic."""
+    from safetensors.torch import save_file
+    state = model_or_state.state_dict() if hasattr(model_or_state, 'state_dict') else model_or_state
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    atomic_write(str(path), lambda tmp: save_file(state, tmp, metadata={'format': 'pt', **(metadata or {})}))
 
 
 def sha256_file(path, chunk: int = 1 << 20) -> str:

@@ -102,16 +102,28 @@ def test_frozen_backbone_grey_resized(folder, tmp_path):
     torch.testing.assert_close(_predict(loaded, train_ds), _predict(model, train_ds))
 
 
-def test_backbone_lr_scale_scales_backbone_gradients():
+@pytest.mark.parametrize('opt', ['sgd', 'adamw'])
+def test_backbone_lr_scale_is_a_param_group_lr(opt):
+    """--backbone-lr-scale 0.1: the backbone steps exactly as with lr x 0.1, the head as with lr (SGD and AdamW)."""
+    from aff_zoo.training.train import TrainConfig, create_optimizer, create_scheduler
     torch.manual_seed(0)
-    ref = prepare_model('aff_resnet8', 3, pretrained=False)
-    torch.manual_seed(0)
-    scaled = prepare_model('aff_resnet8', 3, pretrained=False, backbone_lr_scale=0.1)
+    model = prepare_model('aff_resnet8', 3, pretrained=False)
     x = torch.randn(4, 3, 32, 32)
-    for m in (ref, scaled):
+
+    def one_step(lr, scale):
+        m = prepare_model('aff_resnet8', 3, pretrained=False)
+        m.load_state_dict(model.state_dict())
+        cfg = TrainConfig(opt=opt, lr=lr, backbone_lr_scale=scale, weight_decay=1e-2, warmup_epochs=0, epochs=100)
+        optim = create_optimizer(m, cfg)
+        create_scheduler(optim, cfg, 1).step_update(1)
         m(x).square().sum().backward()
-    torch.testing.assert_close(scaled.fc.weight.grad, ref.fc.weight.grad)
-    torch.testing.assert_close(scaled.stem.conv.weight.grad, 0.1 * ref.stem.conv.weight.grad)
+        optim.step()
+        return m
+
+    scaled, full, small = one_step(0.05, 0.1), one_step(0.05, 1.0), one_step(0.005, 1.0)
+    torch.testing.assert_close(scaled.fc.weight, full.fc.weight, rtol=0, atol=1e-7)
+    torch.testing.assert_close(scaled.stem.conv.weight, small.stem.conv.weight, rtol=0, atol=1e-7)
+    assert not torch.allclose(scaled.stem.conv.weight, full.stem.conv.weight)
 
 
 def test_clear_data_errors(folder, tmp_path):

@@ -1,5 +1,6 @@
 """Training loop: a killed run resumes to the same weights, DDP on gloo, evaluation of a checkpoint."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -136,3 +137,177 @@ def test_evaluate_reproduces_the_run(folder, tmp_path):
     assert last['top1'] == json.loads((out / 'log.json').read_text())[-1]['val_top1']
     assert main(['evaluate', '--model', 'add_resnet8', '--data', str(tmp_path / 'missing.tar.gz'),
                  '--checkpoint', 'x.safetensors']) == 2
+
+
+# ------------------------------------------------------------------------ timm pieces, resume, divergence, AMP
+
+def _old_lr(step, base, total, warmup, min_lr=0.):
+    """The schedule of the published runs (the hand-written CosineWarmup before timm's), as it was."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    t = (step - warmup) / max(total - warmup, 1)
+    return min_lr + 0.5 * (base - min_lr) * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def test_timm_scheduler_against_the_published_e12_curve():
+    """e12: lr 0.1, 0.3 warm-up epochs, 12 epochs x 352 updates. Warm-up identical; the cosine runs one update
+    ahead of the old formula (which held the peak for two updates); the largest difference is 3.8e-5."""
+    from aff_zoo.training.train import TrainConfig, create_scheduler
+    cfg = TrainConfig(lr=0.1, warmup_epochs=0.3, epochs=12, min_lr=0.)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    sched = create_scheduler(opt, cfg, 352)
+    total, warmup = 12 * 352, int(0.3 * 352)
+    new = []
+    for u in range(total):
+        sched.step_update(u + 1)  # as the loop does before update u
+        new.append(opt.param_groups[0]['lr'])
+    old = [_old_lr(u, 0.1, total, warmup) for u in range(total + 1)]
+    assert max(abs(new[u] - old[u]) for u in range(warmup)) < 1e-9
+    assert max(abs(new[u] - old[u + 1]) for u in range(warmup, total)) < 1e-9  # one update ahead
+    gap = max(abs(a - b) for a, b in zip(new, old))
+    assert 3.0e-5 < gap < 3.9e-5, gap
+    assert new[warmup - 1] == pytest.approx(0.1) and new[-1] == 0.0
+
+
+@pytest.fixture(scope='module')
+def small(folder):
+    from aff_zoo.data import load_images, split_train_val
+    os.environ.setdefault('AFF_ZOO_CACHE', str(os.path.join(os.path.dirname(folder), 'cache')))
+    train_ds, val_ds = split_train_val(load_images(folder, progress=False), 4)
+    return train_ds.subset(list(range(0, 192, 4))), val_ds  # 48 training images: 3 updates of 16 per epoch
+
+
+def _model():
+    import timm
+    import aff_zoo  # noqa: F401
+    torch.manual_seed(0)
+    return timm.create_model('add_resnet8', num_classes=3)
+
+
+@pytest.fixture(scope='module')
+def epoch1_of_3(small, tmp_path_factory):
+    """The run folder of a 3-epoch run stopped after its first epoch (as after a kill)."""
+    from aff_zoo.training import train as T
+    out = tmp_path_factory.mktemp('epoch1') / 'run'
+    orig = T._write_logs
+
+    def stop(rows, out_dir):
+        orig(rows, out_dir)
+        raise KeyboardInterrupt
+    T._write_logs = stop
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            T.train(_model(), *small, T.TrainConfig(epochs=3, batch_size=16, lr=0.05, warmup_epochs=0,
+                                                    progress=False), str(out))
+    finally:
+        T._write_logs = orig
+    return out
+
+
+def test_resume_with_another_recipe_is_refused_or_overridden(small, epoch1_of_3, tmp_path):
+    import shutil
+    from aff_zoo.training.train import RunError, TrainConfig, train
+    out = tmp_path / 'run'
+    shutil.copytree(epoch1_of_3, out)
+    base = dict(epochs=3, batch_size=16, lr=0.05, warmup_epochs=0, progress=False)
+    with pytest.raises(RunError, match=r"lr 0\.05 -> 0\.1\. .*--resume-override lr,"):
+        train(_model(), *small, TrainConfig(**dict(base, lr=0.1)), str(out), resume=True)
+    with pytest.raises(RunError, match=r"batch_size 16 -> 8, lr 0\.05 -> 0\.1\. .*--resume-override batch_size,lr,"):
+        train(_model(), *small, TrainConfig(**dict(base, lr=0.1, batch_size=8)), str(out), resume=True,
+              resume_override=[])
+    with pytest.raises(RunError, match='opt cannot change'):
+        train(_model(), *small, TrainConfig(**dict(base, opt='adamw')), str(out), resume=True, resume_override=['opt'])
+    with pytest.raises(RunError, match='unknown field.*bogus'):
+        train(_model(), *small, TrainConfig(**base), str(out), resume=True, resume_override=['bogus'])
+    assert torch.load(out / 'checkpoint.pt', weights_only=True)['epoch'] == 1  # refusals touched nothing
+
+    m = train(_model(), *small, TrainConfig(**dict(base, lr=0.1, batch_size=8)), str(out), resume=True,
+              resume_override=['batch_size', 'lr'])
+    log = json.loads((out / 'log.json').read_text())
+    # epoch 1: lr 0.05, 3 updates of 16 (9 in all); epochs 2-3: lr 0.1, 6 updates of 8 (18 in all): the new
+    # schedule from the resumed epoch, i.e. at update 12 of 18 after epoch 2 (the bug ran them at lr 0)
+    assert log[0]['lr'] == pytest.approx(0.025 * (1 + math.cos(math.pi * 3 / 9)))
+    assert log[1]['lr'] == pytest.approx(0.05 * (1 + math.cos(math.pi * 12 / 18)))
+    assert [r['epoch'] for r in log] == [1, 2, 3]
+    assert m['config']['batch_size'] == 8 and m['config']['lr'] == 0.1
+    assert {(o['field'], o['original'], o['new'], o['from_epoch']) for o in m['resume_overrides']} == {
+        ('batch_size', 16, 8, 2), ('lr', 0.05, 0.1, 2)}
+    saved = json.loads((out / 'metrics.json').read_text())
+    assert saved['resume_overrides'] == m['resume_overrides'] and saved['run']['batch_size'] == 8
+
+
+def test_divergence_keeps_the_last_good_checkpoint(small, epoch1_of_3, tmp_path):
+    import shutil
+    from aff_zoo.training.train import TrainConfig, TrainingDiverged, train
+    from aff_zoo.utils import sha256_file
+    out = tmp_path / 'run'
+    shutil.copytree(epoch1_of_3, out)
+    before = sha256_file(out / 'checkpoint.pt')
+    cfg = TrainConfig(epochs=3, batch_size=16, lr=1e12, warmup_epochs=0, progress=False)
+    with pytest.raises(TrainingDiverged, match=r'at epoch 2, step \d of 3; stopped: .*checkpoint.pt keeps the last '
+                                               r'good state \(epoch 1\)'):
+        train(_model(), *small, cfg, str(out), resume=True, resume_override=['lr'])
+    assert sha256_file(out / 'checkpoint.pt') == before
+
+
+def test_diverging_cli_run_ends_in_one_line_and_leaves_no_folder(folder, tmp_path, capsys):
+    from aff_zoo.cli import main
+    os.environ['AFF_ZOO_CACHE'] = str(tmp_path / 'cache')
+    out = tmp_path / 'never'
+    rc = main(['train', '--data', folder, '--output', str(out), '--model', 'add_resnet8', '--batch-size', '16',
+               '--lr', '1e12', '--warmup-epochs', '0', '--val-per-class', '4', '--train-subset', '48',
+               '--no-progress', '--epochs', '2'])
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith('decoding')]
+    assert rc == 2 and len(err) == 1, err  # one line, no traceback (the data decoding bar aside)
+    assert err[0].startswith('error: the loss became NaN/inf at epoch 1, step ') and 'no run folder' in err[0]
+    assert not out.exists()
+
+
+def test_accumulation_and_bf16_autocast_on_cpu(small, tmp_path):
+    """--accum-steps 3 at batch 8: one AdamW update per 3 micro-batches, effective batch 24; bf16 autocast
+    (CPU) trains with a finite loss. (fp16 + GradScaler and CUDA bf16 need a GPU: scripts/gpu_check.sh.)"""
+    from aff_zoo.training.train import TrainConfig, train
+    cfg = TrainConfig(epochs=2, batch_size=8, accum_steps=3, opt='adamw', lr=1e-3, warmup_epochs=0, amp=True,
+                      amp_dtype='bfloat16', channels_last=False, progress=False)
+    m = train(_model(), *small, cfg, str(tmp_path / 'run'))
+    state = torch.load(tmp_path / 'run' / 'checkpoint.pt', weights_only=True)
+    assert {int(s['step']) for s in state['optimizer']['state'].values()} == {4}  # 48 / 8 / 3 = 2 per epoch
+    assert m['effective_batch_size'] == 24 and m['amp_dtype'] == 'bfloat16' and state['updates'] == 4
+    log = json.loads((tmp_path / 'run' / 'log.json').read_text())
+    assert all(math.isfinite(r['train_loss']) and r['train_images_per_s'] > 0 for r in log)
+    assert log[0]['eta_seconds'] >= 0 and log[-1]['eta_seconds'] == 0
+
+
+def _segments(cmd):
+    import shlex
+    segs, cur = set(), []
+    for tok in shlex.split(cmd)[2:]:
+        if tok.startswith('--') and cur:
+            segs.add(' '.join(cur))
+            cur = []
+        cur.append(tok)
+    segs.add(' '.join(cur))
+    return segs
+
+
+def test_recipes_print_their_full_command(capsys, monkeypatch):
+    from aff_zoo.cli import main
+    from aff_zoo.models.weights import WEIGHTS
+    where = ['--data', '/work/shared/data/cifar10-train-jpeg.tar.gz', '--output', '/work/runs/ckpt20/aff_resnet20-e12']
+    assert main(['train', '--recipe', 'cifar10-e12', '--model', 'aff_resnet20', *where, '--print-command']) == 0
+    printed = capsys.readouterr().out.strip().split(': ', 1)[1]
+    published = next(w for w in WEIGHTS if getattr(w, 'arch', '') == 'aff_resnet20' and w.tag == 'cifar10_e12')
+    missing = _segments(published.recipe) - _segments(printed)
+    assert not missing, f'the preset differs from the published recipe in {missing}'
+
+    def run(*extra):
+        assert main(['train', '--recipe', 'imagenet-paper', '--data', 'x', '--output', 'y', *extra,
+                     '--print-command']) == 0
+        return _segments(capsys.readouterr().out.strip().split(': ', 1)[1])
+    assert {'--lr 0.075', '--epochs 160', '--warmup-epochs 5.0', '--label-smoothing 0.1', '--mixup-alpha 0.2',
+            '--nesterov', '--no-wd-bn-bias', '--weight-decay 0.0001'} <= run('--model', 'aff_resnet50')
+    assert {'--lr 0.15', '--epochs 240'} <= run('--model', 'aff_resnext50', '--batch-size', '256')
+    assert {'--lr 0.3', '--epochs 3', '--mixup-alpha 0.0'} <= run(
+        '--model', 'aff_resnet50', '--accum-steps', '4', '--epochs', '3', '--mixup-alpha', '0')  # explicit wins
+    monkeypatch.setenv('WORLD_SIZE', '8')
+    assert {'--lr 0.06', '--epochs 5'} <= run('--model', 'aff_resnet50', '--recipe', 'imagenet-upcycle')

@@ -10,7 +10,8 @@ It is the training loop of ``aff_zoo.train`` (same run folder: ``checkpoint.pt``
   pretrained head weights that are skipped;
 * ``--in-chans`` adapts the stem to other channel counts (timm sums/repeats the pretrained kernel);
 * ``--freeze-backbone`` trains the head only (backbone weights and BatchNorm statistics frozen), or
-  ``--backbone-lr-scale f`` trains the backbone with an f times smaller step (SGD);
+  ``--backbone-lr-scale f`` trains the backbone at f times the learning rate (a param group with timm's
+  ``lr_scale``, so it holds for SGD and AdamW alike);
 * ``--img-size`` resizes the images (and the saved config) to a new resolution.
 
 The best weights end up in ``<output>/hub`` as ``model.safetensors`` + ``config.json`` (timm's format,
@@ -23,7 +24,7 @@ import sys
 import warnings
 from collections import Counter
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -53,10 +54,10 @@ def prepare_model(
         in_chans: int = 3,
         img_size: Optional[int] = None,
         freeze_backbone: bool = False,
-        backbone_lr_scale: float = 1.0,
         drop_rate: float = 0.0,
 ) -> nn.Module:
-    """The model to fine-tune: pretrained (or fresh) weights, a new ``num_classes`` head, adapted stem."""
+    """The model to fine-tune: pretrained (or fresh) weights, a new ``num_classes`` head, adapted stem.
+    A smaller backbone learning rate is ``TrainConfig.backbone_lr_scale`` (an optimizer param group)."""
     import timm
     import aff_zoo  # noqa: F401  registers the models
     model = timm.create_model(name, pretrained=pretrained, in_chans=in_chans, drop_rate=drop_rate)
@@ -78,23 +79,16 @@ def prepare_model(
     cfg['num_classes'] = num_classes
     model.pretrained_cfg = model.default_cfg = cfg
 
-    head_params = {id(p) for p in model.get_classifier().parameters()}
-    backbone = [(n, p) for n, p in model.named_parameters() if id(p) not in head_params]
     if freeze_backbone:
         from timm.layers import freeze_batch_norm_2d
-        for _, p in backbone:
-            p.requires_grad_(False)
         head = model.get_classifier()
+        head_params = {id(p) for p in head.parameters()}
+        for p in model.parameters():
+            if id(p) not in head_params:
+                p.requires_grad_(False)
         for n, child in list(model.named_children()):
             if child is not head:
                 setattr(model, n, freeze_batch_norm_2d(child))
-    elif backbone_lr_scale != 1.0:
-        if not 0 < backbone_lr_scale <= 1:
-            raise ValueError(f'backbone_lr_scale must be in (0, 1], got {backbone_lr_scale}')
-        # The loop builds one SGD step for all parameters; for SGD (momentum or not) scaling a gradient by f
-        # is exactly an f times smaller step on it (weight decay, added to the gradient later, is not scaled).
-        for _, p in backbone:
-            p.register_hook(lambda g, f=backbone_lr_scale: g * f)
     return model
 
 
@@ -193,13 +187,13 @@ def load_finetune_data(
 
 def write_folder(model: nn.Module, folder, classes: Sequence[str], metrics: Optional[dict] = None) -> Path:
     """``model.safetensors`` + ``config.json`` (timm's format, with ``label_names``), each written atomically."""
-    from safetensors.torch import save_file
+    # timm's public save_for_hf writes weights and config together, non-atomically; its config-only writer is
+    # private, so we use it here for an atomic config.json beside our one (atomic) safetensors writer.
     from timm.models._hub import save_config_for_hf
-    from ..utils import atomic_write
+    from ..utils import atomic_write, save_safetensors
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write(str(folder / 'model.safetensors'), lambda tmp: save_file(state, tmp, metadata={'format': 'pt'}))
+    save_safetensors(model, folder / 'model.safetensors')
     atomic_write(str(folder / 'config.json'), lambda tmp: save_config_for_hf(
         model, tmp, model_config=dict(
             label_names=list(classes), **({'finetune_metrics': metrics} if metrics else {}),
@@ -232,8 +226,9 @@ def finetune(model: nn.Module, train_ds, val_ds, cfg, out_dir: str, resume: bool
 
 
 def _cmd_finetune(args) -> int:
-    from .train import config_from_args, seed_everything
+    from .train import RunError, TrainingDiverged, _overrides, apply_recipe, config_from_args, seed_everything
     try:
+        apply_recipe(args)
         train_ds, val_ds = load_finetune_data(
             args.data, args.val_split, args.val_fraction, args.img_size, args.in_chans, args.max_imbalance,
             progress=args.progress)
@@ -242,12 +237,13 @@ def _cmd_finetune(args) -> int:
         seed_everything(cfg.seed)
         model = prepare_model(
             args.model, len(train_ds.classes), pretrained=args.pretrained, in_chans=args.in_chans,
-            img_size=args.img_size, freeze_backbone=args.freeze_backbone,
-            backbone_lr_scale=args.backbone_lr_scale, drop_rate=args.drop)
-        if args.backbone_lr_scale != 1.0 and cfg.opt != 'sgd':
-            raise ValueError('--backbone-lr-scale is exact for --opt sgd only (it scales the backbone\'s gradients).')
-        metrics = finetune(model, train_ds, val_ds, cfg, args.output, resume=args.resume)
-    except (ValueError, RuntimeError) as e:
+            img_size=args.img_size, freeze_backbone=args.freeze_backbone, drop_rate=args.drop)
+        run_info = {k: getattr(args, k) for k in ('pretrained', 'img_size', 'in_chans', 'freeze_backbone', 'drop',
+                                                  'val_fraction')}
+        run_info.update(model_name=args.model, val_folder=args.val_split)
+        metrics = finetune(model, train_ds, val_ds, cfg, args.output, resume=args.resume,
+                           resume_override=_overrides(args.resume_override), run_info=run_info)
+    except (ValueError, RuntimeError, RunError, TrainingDiverged) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
     print(json.dumps({k: metrics[k] for k in ('model', 'val_top1', 'best_epoch', 'epochs', 'hub_folder')}))
@@ -255,7 +251,7 @@ def _cmd_finetune(args) -> int:
 
 
 def register_cli(subparsers):
-    from .train import add_config_args
+    from .train import add_config_args, add_resume_args
     p = subparsers.add_parser(
         'finetune', help='fine-tune a model on your ImageFolder; writes a Hub-layout checkpoint folder',
         description=__doc__.splitlines()[0])
@@ -265,7 +261,7 @@ def register_cli(subparsers):
     p.add_argument('--output', required=True, help='run folder; the checkpoint folder is <output>/hub')
     p.add_argument('--pretrained', action=argparse.BooleanOptionalAction, default=True,
                    help='start from the pretrained weights (--no-pretrained: from scratch)')
-    p.add_argument('--resume', action='store_true', help='continue from <output>/checkpoint.pt')
+    add_resume_args(p)
     p.add_argument('--val-split', default='val', help='name of the validation folder next to train/')
     p.add_argument('--val-fraction', type=float, default=0.2,
                    help='without a val folder: last fraction of each class (by file name) for validation')
@@ -273,7 +269,6 @@ def register_cli(subparsers):
     p.add_argument('--in-chans', type=int, default=3, help='input channels (1 = grey images)')
     p.add_argument('--freeze-backbone', action=argparse.BooleanOptionalAction, default=False,
                    help='train the new head only (backbone weights and BatchNorm statistics frozen)')
-    p.add_argument('--backbone-lr-scale', type=float, default=1.0, help='backbone step = this x lr (SGD)')
     p.add_argument('--max-imbalance', type=float, default=10.0, help='largest accepted ratio of class sizes')
     p.add_argument('--drop', type=float, default=0.0, help='dropout before the head')
     add_config_args(p)

@@ -8,41 +8,50 @@
 * ``log.csv`` / ``log.json``  one row per epoch (loss, accuracy, lr, seconds, images/s).
 * ``curves.png``      loss and accuracy curves.
 * ``model.safetensors``  the best weights (by validation top-1), weights only.
-* ``metrics.json``    best val top-1/top-5, epochs, the exact command, git commit, dataset sha256.
+* ``metrics.json``    best val top-1/top-5, epochs, the exact command, git commit, dataset sha256, the run
+                      configuration and any ``--resume-override`` (original and new values).
+
+The folder appears when the first epoch ends: a run that diverges or is stopped before leaves nothing. A NaN/inf
+loss stops the run at once (CLI: one line, exit code 2) and the last good checkpoint stays as it was. ``--resume``
+refuses a checkpoint of another recipe, data or model, naming each differing field, unless
+``--resume-override FIELD,...`` allows them; the lr schedule is then the new settings' from the resumed epoch.
+``--recipe NAME`` fills in a named preset (``RECIPES``; explicit flags win) and prints the full command.
+CUDA: AMP (bfloat16 where supported, else float16 with a GradScaler), channels_last, ``--compile``,
+``--accum-steps``; images/s and ETA in the progress bar and log.csv.
 
 Distributed: run under ``torchrun``; each rank trains on its shard (``DistributedSampler``), rank 0 alone
 writes files.
 """
 import argparse
-import copy
+import contextlib
 import csv
 import json
-import math
 import os
 import random
 import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Dict, List, Optional
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..utils import atomic_write, atomic_write_text, git_commit
+from ..utils import atomic_write, atomic_write_text, git_commit, save_safetensors
 from ..data import BatchLoader, ImageArrays, gpu_augment, normalize
 from .evaluate import _dist_info, evaluate_loader
 
-__all__ = ['TrainConfig', 'train', 'CosineWarmup', 'register_cli']
+__all__ = ['TrainConfig', 'train', 'create_optimizer', 'create_scheduler', 'RunError', 'TrainingDiverged',
+           'register_cli']
 
 
 @dataclass
 class TrainConfig:
     """Everything that decides a run's result (saved into every checkpoint and metrics.json)."""
     epochs: int = 10
-    batch_size: int = 128             # per process
+    batch_size: int = 128             # per process and per micro-batch
     opt: str = 'sgd'                  # 'sgd' or 'adamw'
     lr: float = 0.1
     momentum: float = 0.9
@@ -55,7 +64,11 @@ class TrainConfig:
     mixup_alpha: float = 0.0          # 0 = off
     ema_decay: float = 0.0            # 0 = off; best weights are then the EMA's
     channels_last: bool = True
-    amp: bool = True                  # used on CUDA only
+    amp: bool = True                  # mixed precision on CUDA (amp_dtype); on CPU only with amp_dtype='bfloat16'
+    amp_dtype: str = 'auto'           # 'auto' = bfloat16 where the GPU supports it, else float16 with a GradScaler
+    compile: bool = False             # torch.compile the training forward
+    accum_steps: int = 1              # micro-batches per optimizer step (effective batch = batch x accum x world)
+    backbone_lr_scale: float = 1.0    # lr factor of every parameter outside the classifier head (fine-tuning)
     seed: int = 0
     crop_pad: int = 4
     hflip: bool = True
@@ -65,79 +78,67 @@ class TrainConfig:
     command: str = ''                 # the exact command line, for metrics.json
 
 
-class CosineWarmup:
-    """Per-step LR: linear warmup from 0, then cosine to ``min_lr``. State = step count only."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, min_lr: float = 0.):
-        self.optimizer = optimizer
-        self.total_steps = max(total_steps, 1)
-        self.warmup_steps = warmup_steps
-        self.min_lr = min_lr
-        self.base_lrs = [g.get('initial_lr', g['lr']) for g in optimizer.param_groups]
-        for g, lr in zip(optimizer.param_groups, self.base_lrs):
-            g['initial_lr'] = lr
-        self.step_count = 0
-        self._apply()
-
-    def lr_at(self, step: int, base: float) -> float:
-        if step < self.warmup_steps:
-            return base * (step + 1) / self.warmup_steps
-        t = (step - self.warmup_steps) / max(self.total_steps - self.warmup_steps, 1)
-        return self.min_lr + 0.5 * (base - self.min_lr) * (1 + math.cos(math.pi * min(t, 1.0)))
-
-    def _apply(self):
-        for g, base in zip(self.optimizer.param_groups, self.base_lrs):
-            g['lr'] = self.lr_at(self.step_count, base)
-
-    def step(self):
-        self.step_count += 1
-        self._apply()
-
-    def state_dict(self) -> Dict[str, Any]:
-        return dict(step_count=self.step_count, total_steps=self.total_steps, warmup_steps=self.warmup_steps,
-                    base_lrs=list(self.base_lrs), min_lr=self.min_lr)
-
-    def load_state_dict(self, state: Dict[str, Any]):
-        self.step_count = state['step_count']
-        self._apply()
+class RunError(ValueError):
+    """A run that cannot go on as asked (a resume that does not fit, a damaged checkpoint): one-line message."""
 
 
-class ModelEma(nn.Module):
-    """Exponential moving average of weights (and copy of buffers); evaluated in place of the model."""
-
-    def __init__(self, model: nn.Module, decay: float):
-        super().__init__()
-        self.module = copy.deepcopy(model).eval()
-        self.decay = decay
-        for p in self.module.parameters():
-            p.requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, model: nn.Module):
-        for e, m in zip(self.module.state_dict().values(), model.state_dict().values()):
-            if e.dtype.is_floating_point:
-                e.lerp_(m.detach(), 1. - self.decay)
-            else:
-                e.copy_(m)
+class TrainingDiverged(FloatingPointError):
+    """The loss became NaN or inf; the message names the epoch and step, the last good checkpoint is kept."""
 
 
-def param_groups(model: nn.Module, weight_decay: float, no_wd_bn_bias: bool) -> List[Dict[str, Any]]:
-    if not no_wd_bn_bias:
-        return [dict(params=[p for p in model.parameters() if p.requires_grad], weight_decay=weight_decay)]
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.)]
+def create_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, updates_per_epoch: int):
+    """timm's CosineLRScheduler per optimizer update: linear warm-up from 0 over ``warmup_epochs``, cosine to
+    ``min_lr``. The loop calls ``step_update(u + 1)`` before update ``u``: the warm-up then equals the formula of
+    the published runs exactly, and the cosine runs one update ahead of it (that formula held the peak lr for two
+    updates; for the e12 recipe |delta lr| <= 3.8e-5, see tests/test_train.py)."""
+    from timm.scheduler import CosineLRScheduler
+    total = cfg.epochs * updates_per_epoch
+    warmup = int(cfg.warmup_epochs * updates_per_epoch)
+    return CosineLRScheduler(optimizer, t_initial=max(total - warmup, 1), lr_min=cfg.min_lr, warmup_t=warmup,
+                             warmup_lr_init=0., warmup_prefix=True, t_in_epochs=False)
 
 
 def create_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay, cfg.no_wd_bn_bias)
+    """timm's ``create_optimizer_v2`` on timm's weight-decay groups (1-d params and biases without decay when
+    ``no_wd_bn_bias``). With ``backbone_lr_scale`` != 1 the parameters outside the classifier head get that
+    ``lr_scale`` (timm's schedulers multiply it in), a true per-group learning rate for SGD and AdamW alike."""
+    from timm.optim import create_optimizer_v2, param_groups_weight_decay
+    if cfg.opt not in ('sgd', 'adamw'):
+        raise ValueError(f"Unknown optimizer {cfg.opt!r}; choose 'sgd' or 'adamw'.")
+    if not cfg.backbone_lr_scale > 0:
+        raise ValueError(f'backbone_lr_scale must be > 0, got {cfg.backbone_lr_scale}')
+    if cfg.no_wd_bn_bias and cfg.weight_decay:
+        groups = param_groups_weight_decay(model, cfg.weight_decay)[::-1]  # decay first: older checkpoints load
+    else:
+        groups = [dict(params=[p for p in model.parameters() if p.requires_grad], weight_decay=cfg.weight_decay)]
+    if cfg.backbone_lr_scale != 1.0:
+        head = {id(p) for p in model.get_classifier().parameters()}
+        split = []
+        for g in groups:
+            for in_head in (False, True):
+                ps = [p for p in g['params'] if (id(p) in head) == in_head]
+                if ps:
+                    split.append(dict(g, params=ps, **({} if in_head else {'lr_scale': cfg.backbone_lr_scale})))
+        groups = split
+    groups = [g for g in groups if g['params']]
     if cfg.opt == 'sgd':
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
-    if cfg.opt == 'adamw':
-        return torch.optim.AdamW(groups, lr=cfg.lr)
-    raise ValueError(f"Unknown optimizer {cfg.opt!r}; choose 'sgd' or 'adamw'.")
+        name = 'sgd' if cfg.nesterov and cfg.momentum > 0 else 'momentum'  # timm: 'sgd' = Nesterov
+        return create_optimizer_v2(groups, name, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+    return create_optimizer_v2(groups, 'adamw', lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype, or None for full precision. CUDA: bfloat16 where supported, else float16 (which
+    needs the GradScaler). CPU: only an explicit ``amp_dtype='bfloat16'`` (a smoke test; slower on most CPUs)."""
+    if cfg.amp_dtype not in ('auto', 'bfloat16', 'float16'):
+        raise ValueError(f"amp_dtype must be 'auto', 'bfloat16' or 'float16', got {cfg.amp_dtype!r}")
+    if not cfg.amp:
+        return None
+    if device.type == 'cuda':
+        if cfg.amp_dtype == 'auto':
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return getattr(torch, cfg.amp_dtype)
+    return torch.bfloat16 if cfg.amp_dtype == 'bfloat16' else None
 
 
 def seed_everything(seed: int):
@@ -161,13 +162,6 @@ def set_rng_state(state: Dict[str, Any]):
 
 def atomic_torch_save(obj: Any, path: str):
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
-
-def save_weights(model: nn.Module, path: str, metadata: Optional[Dict[str, str]] = None):
-    """Weights only, safetensors, atomically (contiguous copies, so channels_last is fine)."""
-    from safetensors.torch import save_file
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
 
 
 def _mean_std(model: nn.Module):
@@ -199,7 +193,8 @@ def _write_logs(rows: List[Dict[str, Any]], out_dir: str):
 
     def write_csv(tmp):
         with open(tmp, 'w', newline='') as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            names = list(dict.fromkeys(k for r in rows for k in r))  # rows of an older version may lack columns
+            w = csv.DictWriter(f, fieldnames=names, restval='')
             w.writeheader()
             w.writerows(rows)
     atomic_write(os.path.join(out_dir, 'log.csv'), write_csv)
@@ -208,7 +203,8 @@ def _write_logs(rows: List[Dict[str, Any]], out_dir: str):
 
 def _mixup(x: torch.Tensor, y: torch.Tensor, num_classes: int, alpha: float, smoothing: float,
            generator: torch.Generator):
-    """Mixed images and soft targets (label smoothing folded in); draws come from ``generator``."""
+    """Mixed images and soft targets (label smoothing folded in); draws come from ``generator``.
+    Ours, not timm's Mixup: timm draws lambda from the global numpy RNG, which a resumed run cannot replay."""
     target = F.one_hot(y, num_classes).float() * (1. - smoothing) + smoothing / num_classes
     if alpha <= 0:
         return x, target
@@ -216,6 +212,54 @@ def _mixup(x: torch.Tensor, y: torch.Tensor, num_classes: int, alpha: float, smo
     lam = float(np.random.default_rng(int(torch.randint(2 ** 31, (1,), generator=generator))).beta(alpha, alpha))
     perm = torch.randperm(x.shape[0], generator=generator).to(x.device)
     return x * lam + x[perm] * (1 - lam), target * lam + target[perm] * (1 - lam)
+
+
+# Resuming: these fields may differ without notice (they change nothing in the result) ...
+RESUME_FREE = ('command', 'progress', 'log_interval', 'eval_batch_size', 'compile')
+# ... and these never (the checkpoint's weights or optimizer state would not fit).
+RESUME_FIXED = ('model', 'num_classes', 'opt', 'no_wd_bn_bias', 'backbone_lr_scale')
+
+
+def run_identity(model: nn.Module, train_ds, val_ds, cfg: TrainConfig, world: int,
+                 run_info: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The full configuration of a run, flat: every TrainConfig field, the model, the data, the split, the world
+    size, and what the caller adds (``run_info``: train subset, drop path, ...). Stored in every checkpoint;
+    ``--resume`` compares it field by field."""
+    num_classes = len(train_ds.classes)
+    return {**asdict(cfg), **dict(
+        model=getattr(model, 'default_cfg', {}).get('architecture') or type(model).__name__,
+        num_classes=num_classes,
+        dataset_sha256=getattr(train_ds, 'sha256', None),
+        train_images=len(train_ds), val_images=len(val_ds),
+        val_split=f'last {len(val_ds) // max(num_classes, 1)} images per class (sorted by name)',
+        world_size=world), **(run_info or {})}
+
+
+def resume_changes(old: Dict[str, Any], new: Dict[str, Any], override: Sequence[str], ckpt_path: str):
+    """``{field: (old, new)}`` of the allowed changes; RunError (one line, naming each field) otherwise."""
+    unknown = sorted(set(override) - set(new))
+    if unknown:
+        raise RunError(f'--resume-override: unknown field(s) {", ".join(unknown)}; the run fields are '
+                       f'{", ".join(k for k in new if k not in RESUME_FREE)}.')
+    diff = {k: (old[k], new[k]) for k in new if k in old and k not in RESUME_FREE and old[k] != new[k]}
+    text = ', '.join(f'{k} {a!r} -> {b!r}' for k, (a, b) in diff.items())
+    fixed = [k for k in diff if k in RESUME_FIXED]
+    if fixed:
+        raise RunError(f'{ckpt_path} was written by a different run ({text}); {", ".join(fixed)} cannot change '
+                       'on resume (the saved weights or optimizer state would not fit): use a new --output.')
+    refused = [k for k in diff if k not in override]
+    if refused:
+        raise RunError(f'{ckpt_path} was written by a different run: {text}. Resume with the same settings, allow '
+                       f'the change with --resume-override {",".join(refused)}, or use a new --output.')
+    return diff
+
+
+def _load_checkpoint(path: str) -> Dict[str, Any]:
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # truncated zip, not a checkpoint at all, ...
+        raise RunError(f'{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}); '
+                       'it is damaged or not a checkpoint.pt. Restore it, or delete it to start over.') from None
 
 
 def train(
@@ -227,28 +271,35 @@ def train(
         resume: bool = False,
         device: Optional[torch.device] = None,
         extra_metrics: Optional[Dict[str, Any]] = None,
+        resume_override: Sequence[str] = (),
+        run_info: Optional[Dict[str, Any]] = None,
 ) -> Dict[str, Any]:
     """Train ``model`` on ``train_ds``, select on ``val_ds``; returns the metrics written to metrics.json.
 
     Under torchrun (process group initialised by the caller or by ``init_distributed``) the model is wrapped
-    in DistributedDataParallel and only rank 0 writes ``out_dir``.
+    in DistributedDataParallel and only rank 0 writes ``out_dir``. ``out_dir`` is created when the first epoch
+    ends: a run stopped before that (diverged, interrupted) leaves no folder behind. ``resume`` continues from
+    ``out_dir/checkpoint.pt`` if the run configuration is the same, or differs only in ``resume_override`` fields.
     """
     world, rank = _dist_info()
     commit = git_commit()  # the code this run started with
     if device is None:
         device = torch.device(f'cuda:{int(os.environ.get("LOCAL_RANK", 0))}' if torch.cuda.is_available() else 'cpu')
-    if rank == 0:
-        os.makedirs(out_dir, exist_ok=True)
     num_classes = len(train_ds.classes)
     if getattr(model, 'num_classes', num_classes) != num_classes:
         raise ValueError(f'The model has {model.num_classes} outputs but the data has {num_classes} classes; '
                          f'create it with num_classes={num_classes}.')
+    if cfg.accum_steps < 1:
+        raise ValueError(f'accum_steps must be >= 1, got {cfg.accum_steps}')
     mean, std = _mean_std(model)
+    identity = run_identity(model, train_ds, val_ds, cfg, world, run_info)
     seed_everything(cfg.seed)
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    ema = ModelEma(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    from timm.loss import SoftTargetCrossEntropy
+    from timm.utils import ModelEmaV3
+    ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
     optimizer = create_optimizer(model, cfg)
     train_loader = BatchLoader(train_ds, cfg.batch_size, shuffle=True, seed=cfg.seed, drop_last=True,
                                num_replicas=world, rank=rank)
@@ -256,35 +307,54 @@ def train(
     if len(train_loader) == 0:
         raise ValueError(f'{len(train_ds)} training images give no full batch of {cfg.batch_size} per process; '
                          'lower the batch size.')
-    steps_per_epoch = len(train_loader)
-    scheduler = CosineWarmup(optimizer, cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch),
-                             cfg.min_lr)
-    use_amp = cfg.amp and device.type == 'cuda'
-    scaler = torch.amp.GradScaler('cuda', enabled=use_amp)
+    steps_per_epoch = len(train_loader)  # micro-batches
+    accum = min(cfg.accum_steps, steps_per_epoch)
+    updates_per_epoch = -(-steps_per_epoch // accum)
+    scheduler = create_scheduler(optimizer, cfg, updates_per_epoch)
+    amp_dtype = autocast_dtype(cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    loss_fn = SoftTargetCrossEntropy()
     ddp_model = model
     if world > 1:
         ddp_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == 'cuda' else None)
+    fwd_model = torch.compile(ddp_model) if cfg.compile else ddp_model
 
     ckpt_path = os.path.join(out_dir, 'checkpoint.pt')
-    start_epoch, rows, best = 0, [], dict(val_top1=-1.0)
+    start_epoch, rows, best, overrides = 0, [], dict(val_top1=-1.0), []
     if resume and os.path.exists(ckpt_path):
-        state = torch.load(ckpt_path, map_location='cpu', weights_only=True)
-        if state['config']['epochs'] != cfg.epochs or state['config']['seed'] != cfg.seed:
-            raise ValueError(f'{ckpt_path} was written by a run with epochs={state["config"]["epochs"]}, '
-                             f'seed={state["config"]["seed"]}; resume with the same settings or a new --output.')
-        model.load_state_dict(state['model'])
-        optimizer.load_state_dict(state['optimizer'])
-        scheduler.load_state_dict(state['scheduler'])
-        scaler.load_state_dict(state['scaler'])
-        if ema is not None:
-            ema.load_state_dict(state['ema'])
-        set_rng_state(state['rng'])
+        state = _load_checkpoint(ckpt_path)
+        old = state.get('run') or dict(state['config'])  # older checkpoints hold the TrainConfig only
+        changes = resume_changes(old, identity, resume_override, ckpt_path)
         start_epoch, rows, best = state['epoch'], state['log'], state['best']
+        overrides = list(state.get('resume_overrides', [])) + [
+            dict(field=k, original=a, new=b, from_epoch=start_epoch + 1) for k, (a, b) in changes.items()]
+        fresh = [{k: v for k, v in g.items() if k != 'params'} for g in optimizer.param_groups]
+        try:
+            model.load_state_dict(state['model'])
+            optimizer.load_state_dict(state['optimizer'])
+        except (RuntimeError, ValueError, KeyError) as e:  # e.g. a checkpoint of an older aff-zoo (other groups)
+            raise RunError(f'{ckpt_path} does not fit this run ({str(e).splitlines()[0]}); it was written by another '
+                           'model or aff-zoo version: resume with that version, or use a new --output.') from None
+        for g, f in zip(optimizer.param_groups, fresh):  # the hyper-parameters are this run's (overrides)
+            g.update(f)
+        if state.get('scaler') and scaler.is_enabled():
+            scaler.load_state_dict(state['scaler'])
+        if ema is not None and state.get('ema'):
+            ema.load_state_dict(state['ema'])
+        elif ema is not None:  # EMA switched on by an override: it starts from the resumed weights
+            ema.module.load_state_dict(model.state_dict())
+        set_rng_state(state['rng'])
+        if rank == 0 and changes:
+            print(f'Resuming from epoch {start_epoch} with ' + ', '.join(
+                f'{k} {a!r} -> {b!r}' for k, (a, b) in changes.items()), file=sys.stderr)
     elif resume and rank == 0:
         print(f'No checkpoint at {ckpt_path}; starting from scratch.', file=sys.stderr)
 
     from tqdm import tqdm
+    global_batch = cfg.batch_size * world
+    check_every = 1 if (device.type == 'cpu' and world == 1) else max(cfg.log_interval, 1)  # .item() syncs a GPU
+    run_t0, run_images = time.perf_counter(), 0
     for epoch in range(start_epoch, cfg.epochs):
         train_loader.set_epoch(epoch)
         # All randomness of an epoch comes from (seed, epoch, rank): resumed epochs replay exactly.
@@ -293,33 +363,47 @@ def train(
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         correct = torch.zeros((), dtype=torch.long, device=device)
+        bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first non-finite loss, on the device
         seen = 0
-        bar = tqdm(train_loader, desc=f'epoch {epoch + 1}/{cfg.epochs}', disable=not (cfg.progress and rank == 0),
-                   leave=False, mininterval=2.0)
-        for step, (images, labels) in enumerate(bar):
+        bar = tqdm(total=steps_per_epoch * global_batch, desc=f'epoch {epoch + 1}/{cfg.epochs}', unit='img',
+                   unit_scale=True, disable=not (cfg.progress and rank == 0), leave=False, mininterval=2.0)
+        for step, (images, labels) in enumerate(train_loader):
+            first, group = step % accum == 0, min(accum, steps_per_epoch - (step - step % accum))
+            last = step % accum == accum - 1 or step == steps_per_epoch - 1
+            if first:
+                scheduler.step_update(epoch * updates_per_epoch + step // accum + 1)
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
             images = gpu_augment(images, gen, pad=cfg.crop_pad, flip=cfg.hflip)
             x = normalize(images, mean, std, cfg.channels_last)
             x, target = _mixup(x, labels, num_classes, cfg.mixup_alpha, cfg.label_smoothing, gen)
-            with torch.autocast(device.type, enabled=use_amp):
-                logits = ddp_model(x)
-            loss = torch.sum(-target * F.log_softmax(logits.float(), dim=1), dim=1).mean()
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f'Loss is {loss.item()} at epoch {epoch + 1} step {step}; '
-                                         'lower the learning rate.')
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            if ema is not None:
-                ema.update(model)
-            loss_sum += loss.detach().double() * labels.shape[0]
-            correct += (logits.argmax(1) == labels).sum()
+            sync = ddp_model.no_sync() if world > 1 and not last else contextlib.nullcontext()
+            with sync:
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    logits = fwd_model(x)
+                loss = loss_fn(logits.float(), target)
+                scaler.scale(loss / group if group > 1 else loss).backward()
+            if last:
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                if ema is not None:
+                    ema.update(model)
+            loss = loss.detach()
+            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), step, bad_step)
+            loss_sum += loss.double() * labels.shape[0]
+            correct += (logits.detach().argmax(1) == labels).sum()
             seen += labels.shape[0]
-            if rank == 0 and step % cfg.log_interval == 0:
-                bar.set_postfix(loss=f'{loss.item():.3f}', lr=f'{optimizer.param_groups[0]["lr"]:.4f}')
+            run_images += labels.shape[0] * world
+            bar.update(global_batch)
+            if step % check_every == 0 or step == steps_per_epoch - 1:
+                _check_finite(bad_step, world, epoch, steps_per_epoch, ckpt_path, rows, bar)
+            if rank == 0 and cfg.progress and step % cfg.log_interval == 0:
+                rate = run_images / max(time.perf_counter() - run_t0, 1e-9)
+                left = ((cfg.epochs - epoch) * steps_per_epoch - step - 1) * global_batch
+                bar.set_postfix(loss=f'{loss.item():.3f}', lr=f'{_lr(optimizer):.4g}',
+                                run_eta=tqdm.format_interval(left / rate))
+        bar.close()
         if device.type == 'cuda':
             torch.cuda.synchronize(device)
         train_seconds = time.perf_counter() - t0
@@ -327,8 +411,10 @@ def train(
         if world > 1:
             dist.all_reduce(totals)
         eval_model = ema.module if ema is not None else model
-        ev = evaluate_loader(eval_model, val_loader, device, mean, std, cfg.channels_last, num_classes, use_amp)
+        ev = evaluate_loader(eval_model, val_loader, device, mean, std, cfg.channels_last, num_classes,
+                             amp_dtype is not None and device.type == 'cuda')
         count = max(int(ev['count']), 1)
+        epoch_seconds = time.perf_counter() - t0
         row = dict(
             epoch=epoch + 1,
             train_loss=round(float(totals[0] / totals[2]), 5),
@@ -336,10 +422,11 @@ def train(
             val_loss=round(float(ev['loss_sum']) / count, 5),
             val_top1=round(100. * int(ev['top1']) / count, 3),
             val_top5=round(100. * int(ev['top5']) / count, 3),
-            lr=optimizer.param_groups[0]['lr'],
+            lr=_lr(optimizer),
             train_seconds=round(train_seconds, 2),
-            epoch_seconds=round(time.perf_counter() - t0, 2),
+            epoch_seconds=round(epoch_seconds, 2),
             train_images_per_s=round(float(totals[2]) / train_seconds, 1),
+            eta_seconds=round((time.perf_counter() - run_t0) / (epoch + 1 - start_epoch) * (cfg.epochs - epoch - 1)),
         )
         rows.append(row)
         is_best = row['val_top1'] > best['val_top1']
@@ -347,12 +434,14 @@ def train(
             best = dict(val_top1=row['val_top1'], val_top5=row['val_top5'], val_loss=row['val_loss'],
                         epoch=epoch + 1)
         if rank == 0:
+            os.makedirs(out_dir, exist_ok=True)
             if is_best:
-                save_weights(eval_model, os.path.join(out_dir, 'model.safetensors'))
+                save_safetensors(eval_model, os.path.join(out_dir, 'model.safetensors'))
             state = dict(
-                model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                scaler=scaler.state_dict(), ema=ema.state_dict() if ema is not None else None, rng=rng_state(),
-                epoch=epoch + 1, log=rows, best=best, config=asdict(cfg))
+                model=model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                ema=ema.state_dict() if ema is not None else None, rng=rng_state(),
+                epoch=epoch + 1, updates=(epoch + 1) * updates_per_epoch, log=rows, best=best,
+                config=asdict(cfg), run=identity, resume_overrides=overrides)
             atomic_torch_save(state, ckpt_path)
             _write_logs(rows, out_dir)
             print(f'epoch {epoch + 1}/{cfg.epochs} ' + ' '.join(f'{k}={v}' for k, v in row.items() if k != 'epoch'),
@@ -361,20 +450,46 @@ def train(
             dist.barrier()
 
     metrics = dict(
-        model=getattr(model, 'default_cfg', {}).get('architecture') or type(model).__name__,
+        model=identity['model'],
         val_top1=best['val_top1'], val_top5=best.get('val_top5'), best_epoch=best.get('epoch'),
-        epochs=cfg.epochs, val_split=f'last {len(val_ds) // max(num_classes, 1)} images per class (sorted by name)',
+        epochs=cfg.epochs, val_split=identity['val_split'],
         train_images=len(train_ds), val_images=len(val_ds), classes=list(train_ds.classes),
         params=sum(p.numel() for p in model.parameters()),
         train_images_per_s=round(sum(r['train_images_per_s'] for r in rows) / max(len(rows), 1), 1),
         total_train_seconds=round(sum(r['epoch_seconds'] for r in rows), 1),
         dataset_sha256=train_ds.sha256, dataset=os.path.basename(train_ds.source),
         command=cfg.command, git_commit=commit, world_size=world,
-        device=str(device), torch=str(torch.__version__), config=asdict(cfg), **(extra_metrics or {}),
+        effective_batch_size=cfg.batch_size * accum * world,
+        amp_dtype=str(amp_dtype).replace('torch.', '') if amp_dtype is not None else 'off',
+        device=str(device), torch=str(torch.__version__), config=asdict(cfg), run=identity,
+        resume_overrides=overrides, **(extra_metrics or {}),
     )
     if rank == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        if rows and start_epoch >= cfg.epochs:  # nothing left to train: logs as the checkpoint has them
+            _write_logs(rows, out_dir)
         atomic_write_text(os.path.join(out_dir, 'metrics.json'), json.dumps(metrics, indent=1))
     return metrics
+
+
+def _lr(optimizer: torch.optim.Optimizer) -> float:
+    """The schedule's lr (groups with an ``lr_scale`` below 1 run at a fraction of it)."""
+    return max(g['lr'] / g.get('lr_scale', 1.0) for g in optimizer.param_groups)
+
+
+def _check_finite(bad_step: torch.Tensor, world: int, epoch: int, steps: int, ckpt_path: str,
+                  rows: List[Dict[str, Any]], bar):
+    """Raise TrainingDiverged if any rank saw a non-finite loss (all ranks decide together)."""
+    bad = bad_step.clone()
+    if world > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # the latest rank's first bad step; all ranks stop together
+    if int(bad) < 0:
+        return
+    bar.close()
+    kept = (f'{ckpt_path} keeps the last good state (epoch {rows[-1]["epoch"]})' if rows else
+            'no epoch had finished, so no run folder was written')
+    raise TrainingDiverged(f'the loss became NaN/inf at epoch {epoch + 1}, step {int(bad) + 1} of {steps}; '
+                           f'stopped: {kept}. Lower --lr (or raise --warmup-epochs) and run again.')
 
 
 def init_distributed() -> bool:
@@ -390,36 +505,112 @@ def init_distributed() -> bool:
 
 # ----------------------------------------------------------------------------------------- command line
 
+class _Default:
+    """An option's default, marked so that a ``--recipe`` can tell it from a value given on the command line."""
+    __slots__ = ('value',)
+
+    def __init__(self, value):
+        self.value = value
+
+    def __repr__(self):
+        return repr(self.value)
+
+
+def _world_size() -> int:
+    return int(os.environ.get('WORLD_SIZE', '1'))
+
+
+def _paper_lr(a) -> float:
+    return round(0.075 * a.batch_size * a.accum_steps * _world_size() / 128, 6)
+
+
+_E12 = dict(amp=True, batch_size=128, channels_last=True, crop_pad=4, drop_path=0.0, ema_decay=0.0, epochs=12,
+            eval_batch_size=500, hflip=True, label_smoothing=0.0, lr=0.1, min_lr=0.0, mixup_alpha=0.0, momentum=0.9,
+            nesterov=True, no_wd_bn_bias=True, opt='sgd', seed=0, train_subset=0, val_per_class=500,
+            warmup_epochs=0.3, weight_decay=0.0005)
+_IMAGENET = dict(opt='sgd', nesterov=True, momentum=0.9, batch_size=128, weight_decay=1e-4, no_wd_bn_bias=True,
+                 min_lr=0.0, label_smoothing=0.1, ema_decay=0.0, img_size=224, val_per_class=50, amp=True,
+                 channels_last=True)
+
+RECIPES: Dict[str, Dict[str, Any]] = {
+    # The recipe of the published cifar10_e12 weights (aff/iaff/add_resnet20), every value as recorded in weights.py.
+    'cifar10-e12': _E12,
+    # The paper's ImageNet recipe (shared/notes/paper.md, section 4): Nesterov SGD, lr 0.075 per 128 images scaled
+    # linearly with the global batch (batch x accum x world; the authors' MXNet runs kept 0.075 for 256-512 images),
+    # 5 warm-up epochs from 0, cosine to 0, label smoothing 0.1, mixup alpha 0.2 (theirs was off for the last 5
+    # epochs; ours stays on), wd 1e-4 without decay on BN and biases, 224 px, 160 epochs (ResNet-50) or 240
+    # (ResNeXt-50).
+    'imagenet-paper': dict(_IMAGENET, lr=_paper_lr, warmup_epochs=5.0, mixup_alpha=0.2,
+                           epochs=lambda a: 240 if 'resnext' in a.model else 160),
+    # A short fine-tune of upcycled ImageNet weights (start with --init-from <model>.<upcycled tag>). The network
+    # starts at its parent's optimum and every fusion computes the addition it replaces, so the only new thing to
+    # learn is the attention: 5 epochs at a tenth of the paper's peak lr (0.0075 per 128 images), a 0.5-epoch
+    # warm-up so the fresh attention gradients cannot knock the trained weights off their optimum, no mixup (it
+    # pays over long schedules only). About 3 % of the paper's 160 epochs.
+    'imagenet-upcycle': dict(_IMAGENET, lr=lambda a: round(_paper_lr(a) / 10, 7), warmup_epochs=0.5,
+                             mixup_alpha=0.0, epochs=5),
+}
+
+
+def apply_recipe(args) -> argparse.Namespace:
+    """Resolve ``args`` in place: flags given on the command line > the ``--recipe``'s values > the defaults.
+    Recipe values may be functions of the other resolved options (the paper's lr scales with the batch)."""
+    explicit = {k for k, v in vars(args).items() if not isinstance(v, _Default) and v is not None}
+    for k, v in vars(args).items():
+        if isinstance(v, _Default):
+            setattr(args, k, v.value)
+    name = getattr(args, 'recipe', None)
+    if name:
+        if name not in RECIPES:
+            raise ValueError(f'Unknown recipe {name!r}; choose one of {", ".join(RECIPES)}.')
+        recipe = RECIPES[name]
+        for later in (False, True):  # constants first, then the values computed from them
+            for k, v in recipe.items():
+                if callable(v) == later and k not in explicit and hasattr(args, k):
+                    setattr(args, k, v(args) if later else v)
+    return args
+
+
 def add_config_args(p: argparse.ArgumentParser):
-    """One flag per TrainConfig field (``--no-X`` for booleans)."""
+    """One flag per TrainConfig field (``--no-X`` for booleans); defaults marked for ``apply_recipe``."""
     helps = dict(
-        epochs='number of epochs', batch_size='batch size per process', opt="'sgd' or 'adamw'",
+        epochs='number of epochs', batch_size='batch size per process (and micro-batch)', opt="'sgd' or 'adamw'",
         lr='peak learning rate (after warmup)', weight_decay='weight decay',
         no_wd_bn_bias='no weight decay on 1-d params (norms, biases)', warmup_epochs='linear warmup epochs',
         label_smoothing='label smoothing', mixup_alpha='mixup Beta(alpha, alpha); 0 = off',
         ema_decay='EMA decay of weights; 0 = off', channels_last='channels_last memory format',
-        amp='mixed precision on CUDA', seed='seed (data order, augmentation, init)')
+        amp='mixed precision on CUDA', amp_dtype="'auto' (bfloat16 where supported, else float16 with a "
+        "GradScaler), 'bfloat16' (also on CPU) or 'float16'", compile='torch.compile the training forward',
+        accum_steps='micro-batches per optimizer step (gradient accumulation)',
+        backbone_lr_scale='learning rate factor of all parameters outside the classifier head',
+        seed='seed (data order, augmentation, init)')
     for f in fields(TrainConfig):
         if f.name == 'command':
             continue
         flag = '--' + f.name.replace('_', '-')
         if f.type in (bool, 'bool'):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=helps.get(f.name))
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=_Default(f.default),
+                           help=helps.get(f.name))
         else:
             typ = {'int': int, 'float': float, 'str': str}.get(f.type, f.type) if isinstance(f.type, str) else f.type
-            p.add_argument(flag, type=typ, default=f.default, help=helps.get(f.name))
+            p.add_argument(flag, type=typ, default=_Default(f.default), help=helps.get(f.name))
 
 
 def config_from_args(args) -> TrainConfig:
+    apply_recipe(args)
     return TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != 'command'},
                        command=recipe_command(args))
+
+
+_NOT_RECIPE = ('func', 'command', 'resume', 'resume_override', 'progress', 'log_interval', 'recipe', 'print_command')
 
 
 def recipe_command(args) -> str:
     """The run as one explicit command line: every option with its value (defaults included)."""
     parts = ['aff-zoo', 'train']
     for k, v in sorted(vars(args).items()):
-        if k in ('func', 'command', 'resume', 'progress', 'log_interval') or v is None:
+        v = v.value if isinstance(v, _Default) else v
+        if k in _NOT_RECIPE or k.startswith('_') or v is None:
             continue
         flag = '--' + k.replace('_', '-')
         if isinstance(v, bool):
@@ -429,10 +620,24 @@ def recipe_command(args) -> str:
     return ' '.join(shlex.quote(p) for p in parts)
 
 
+def _overrides(text: Optional[str]) -> List[str]:
+    return [f.strip().replace('-', '_') for f in (text or '').split(',') if f.strip()]
+
+
 def _cmd_train(args) -> int:
     import timm
     import aff_zoo  # noqa: F401  (registers the models)
     from ..data import DataError, load_images, split_train_val
+    try:
+        apply_recipe(args)
+    except ValueError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    if (args.recipe or args.print_command) and int(os.environ.get('RANK', '0')) == 0:
+        print(f'recipe {args.recipe or "(none)"}: {recipe_command(args)}', file=sys.stderr if not args.print_command
+              else sys.stdout, flush=True)
+    if args.print_command:
+        return 0
     distributed = init_distributed()
     try:
         _, rank = _dist_info()
@@ -448,13 +653,26 @@ def _cmd_train(args) -> int:
         cfg = config_from_args(args)
         seed_everything(cfg.seed)
         model = timm.create_model(args.model, num_classes=len(data.classes), drop_path_rate=args.drop_path)
-        metrics = train(model, train_ds, val_ds, cfg, args.output, resume=args.resume)
+        try:
+            metrics = train(model, train_ds, val_ds, cfg, args.output, resume=args.resume,
+                            resume_override=_overrides(args.resume_override),
+                            run_info=dict(train_subset=args.train_subset, drop_path=args.drop_path))
+        except (ValueError, TrainingDiverged) as e:  # RunError and the loop's other clear errors
+            print(f'error: {e}', file=sys.stderr)
+            return 2
         if rank == 0:
             print(json.dumps({k: metrics[k] for k in ('model', 'val_top1', 'val_top5', 'best_epoch', 'epochs')}))
     finally:
         if distributed:
             dist.destroy_process_group()
     return 0
+
+
+def add_resume_args(p: argparse.ArgumentParser):
+    p.add_argument('--resume', action='store_true', help='continue from <output>/checkpoint.pt')
+    p.add_argument('--resume-override', default=None, metavar='FIELD[,FIELD...]',
+                   help='with --resume: run fields allowed to differ from the checkpoint (e.g. lr,epochs); the '
+                        'schedule is recomputed for the new values from the resumed epoch')
 
 
 def register_cli(subparsers):
@@ -464,11 +682,16 @@ def register_cli(subparsers):
     p.add_argument('--data', required=True,
                    help='ImageFolder dir, ImageFolder .tar(.gz), or cifar-10-python.tar.gz')
     p.add_argument('--output', required=True, help='run directory (checkpoint, logs, best weights)')
-    p.add_argument('--resume', action='store_true', help='continue from <output>/checkpoint.pt')
+    add_resume_args(p)
+    p.add_argument('--recipe', choices=sorted(RECIPES), default=None,
+                   help='named preset (explicit flags override its values); prints its full command')
+    p.add_argument('--print-command', action='store_true', help='print the full explicit command and exit')
     p.add_argument('--num-classes', type=int, default=None, help='expected class count (checked against the data)')
-    p.add_argument('--val-per-class', type=int, default=500, help='last N images (by name) of each class = val')
-    p.add_argument('--train-subset', type=int, default=0, help='train on a fixed random subset of N images (0=all)')
-    p.add_argument('--drop-path', type=float, default=0.0, help='stochastic depth rate')
+    p.add_argument('--val-per-class', type=int, default=_Default(500),
+                   help='last N images (by name) of each class = val')
+    p.add_argument('--train-subset', type=int, default=_Default(0),
+                   help='train on a fixed random subset of N images (0=all)')
+    p.add_argument('--drop-path', type=float, default=_Default(0.0), help='stochastic depth rate')
     add_config_args(p)
     p.set_defaults(func=lambda a: _cmd_train(a))
     return p
