@@ -96,7 +96,8 @@ def train_steps(name, size, batch, num_classes, steps, device, warmup=5):
     _sync(device)
     seconds = time.perf_counter() - t0
     losses = [float(v) for v in losses]
-    return dict(model=name, img_size=size, batch=batch, steps=steps, amp=str(dtype).replace('torch.', '') if dtype else 'off',
+    amp = str(dtype).replace('torch.', '') if dtype else 'off'
+    return dict(model=name, img_size=size, batch=batch, steps=steps, amp=amp,
                 train_img_s=timed * batch / seconds, first_loss=losses[0], last_loss=losses[-1],
                 finite=all(math.isfinite(v) for v in losses), params_without_grad=sorted(no_grad)[:5],
                 peak_mem_gb=torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == 'cuda' else None,

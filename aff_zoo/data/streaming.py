@@ -356,6 +356,9 @@ def _open_shards(path: str, split: str, img_size, workers) -> StreamSplit:
     missing = [f for f in s['filenames'] if not os.path.exists(os.path.join(path, f))]
     if missing:
         raise DataError(f'{path}: shards named in {INFO_FILE} are missing: {missing[:3]}')
+    if not info.get('classes') and not info.get('num_classes'):
+        raise DataError(f'{path}/{INFO_FILE} names neither "classes" (a list of class names, in label order) nor '
+                        '"num_classes"; add one of them.')
     classes = info.get('classes') or [f'class{i}' for i in range(int(info['num_classes']))]
     sha = hashlib.sha256(json.dumps(s, sort_keys=True).encode()).hexdigest()
     return StreamSplit('wds', path, classes, 'shards:' + sha, is_training=split == 'train', img_size=img_size,
@@ -385,11 +388,27 @@ def open_data(path: str, split: str = 'train', data_path: str = 'auto', img_size
     return data, choice
 
 
+def _val_folder(root: str) -> Optional[str]:
+    """The validation split folder next to ``<root>/train`` (ImageNet's layout), if there is one."""
+    if os.path.isdir(os.path.join(root, 'train')):
+        return next((s for s in ('val', 'validation') if os.path.isdir(os.path.join(root, s))), None)
+    return None
+
+
 def train_val_split(data, val_per_class: Optional[int] = None):
-    """(train, val): shards come split (``train``/``val`` in ``_info.json``); everything else is split per class
-    like the in-memory path (last ``val_per_class`` names of each class; ``None``: ``auto_val_per_class``)."""
+    """(train, val): shards come split (``train``/``val`` in ``_info.json``); a streamed folder with ``train/``
+    and ``val/`` uses them (unless ``val_per_class`` is given); everything else is split per class like the
+    in-memory path (last ``val_per_class`` names of each class; ``None``: ``auto_val_per_class``)."""
     if isinstance(data, StreamSplit) and data.kind == 'wds':
         return data, _open_shards(data.source, 'val', data.img_size, data.workers)
+    if isinstance(data, StreamSplit) and val_per_class is None and _val_folder(data.source):
+        val = _open_folder(data.source, _val_folder(data.source), inspect_folder(data.source, _val_folder(data.source),
+                                                                                 read_sizes=False),
+                           data.img_size, data.workers)
+        if val.classes != data.classes:
+            raise DataError(f'{data.source}: {_val_folder(data.source)}/ has classes {val.classes[:5]}..., train/ '
+                            f'has {data.classes[:5]}...; both need the same class folders.')
+        return data.as_split(True), val.as_split(False)
     counts = np.bincount(np.asarray(data.labels), minlength=len(data.classes))
     train, val = split_train_val(data, auto_val_per_class(counts.tolist(), val_per_class))
     if isinstance(train, StreamSplit):
