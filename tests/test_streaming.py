@@ -59,6 +59,18 @@ def test_folder_split_matches_memory_rule(mixed):
     assert train.is_training and not val.is_training
 
 
+def test_streamed_folder_with_val_folder(tmp_path):
+    """ImageNet's layout: <root>/train and <root>/val; val/ is the validation set unless --val-per-class."""
+    make_mixed_folder(tmp_path / 'train', classes=3, per_class=5, sizes=(20, 40))
+    make_mixed_folder(tmp_path / 'val', classes=3, per_class=2, sizes=(20, 40), seed=1)
+    data, choice = open_data(tmp_path, img_size=32, workers=0)
+    assert choice.path == 'stream' and len(data) == 15
+    train, val = train_val_split(data)
+    assert (len(train), len(val)) == (15, 6) and all('/val/' in f for _, f in val.files)
+    assert not val.is_training
+    assert [len(s) for s in train_val_split(data, 1)] == [12, 3]
+
+
 def _epoch(split, epoch, rank=0, world=2, batch=8):
     loader = split.make_loader(batch, shuffle=True, seed=3, drop_last=True, num_replicas=world, rank=rank)
     loader.set_epoch(epoch)
