@@ -157,13 +157,18 @@ def load_finetune_data(
 ):
     """(train, val) ImageArrays: ``<path>/train`` + ``<path>/<val_split>`` folders if present, else a fixed
     per-class split of ``<path>`` (the last ``val_fraction`` of each class's images, sorted by name)."""
-    from ..data import load_images, split_train_val  # their DataError is a ValueError with a clear message
-    train = load_images(path, split='train', progress=progress)
+    from ..data import split_train_val  # DataError is a ValueError with a clear message
+    from ..data.streaming import StreamSplit, open_data
+    train, _ = open_data(path, 'train', progress=progress)  # mixed sizes or large: streamed, resized by the transform
+    streaming = isinstance(train, StreamSplit)
+    if streaming and in_chans != 3:
+        raise ValueError(f'{path}: --in-chans {in_chans} needs fixed-size images (the streaming path reads RGB); '
+                         'resize the images to one size first.')
     counts = Counter({c: 0 for c in _class_folders(path, 'train') or ()})  # empty class folders count as 0
     counts.update(train.classes[i] for i in train.labels)
     check_balance(dict(counts), max_imbalance, path)
     if os.path.isdir(os.path.join(path, 'train')) and os.path.isdir(os.path.join(path, val_split)):
-        val = load_images(path, split=val_split, progress=progress)
+        val = open_data(path, val_split, 'stream' if streaming else 'memory', progress=progress)[0]
         if val.classes != train.classes:
             raise ValueError(f'{path}: {val_split}/ has classes {val.classes}, train/ has {train.classes}; '
                              'both need the same class folders.')
@@ -174,6 +179,9 @@ def load_finetune_data(
                              f'{val_fraction:g} validation split. Add images, or pass --val-fraction 0 to '
                              'validate on the training images.')
         train, val = split_train_val(train, per_class) if per_class else (train, train)
+    if streaming:
+        train.img_size = val.img_size = img_size
+        return train.as_split(True), val.as_split(False)
     if img_size:
         train, val = _resize(train, img_size), (_resize(val, img_size) if val is not train else train)
     if in_chans != 3:

@@ -301,9 +301,15 @@ def train(
     from timm.utils import ModelEmaV3
     ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
     optimizer = create_optimizer(model, cfg)
-    train_loader = BatchLoader(train_ds, cfg.batch_size, shuffle=True, seed=cfg.seed, drop_last=True,
-                               num_replicas=world, rank=rank)
-    val_loader = BatchLoader(val_ds, cfg.eval_batch_size, shuffle=False, num_replicas=world, rank=rank)
+    if hasattr(train_ds, 'make_loader'):  # a streaming split (data/streaming.py): workers decode and augment
+        train_loader = train_ds.make_loader(cfg.batch_size, shuffle=True, seed=cfg.seed, drop_last=True,
+                                            num_replicas=world, rank=rank, model=model)
+        val_loader = val_ds.make_loader(cfg.eval_batch_size, shuffle=False, num_replicas=world, rank=rank,
+                                        model=model)
+    else:
+        train_loader = BatchLoader(train_ds, cfg.batch_size, shuffle=True, seed=cfg.seed, drop_last=True,
+                                   num_replicas=world, rank=rank)
+        val_loader = BatchLoader(val_ds, cfg.eval_batch_size, shuffle=False, num_replicas=world, rank=rank)
     if len(train_loader) == 0:
         raise ValueError(f'{len(train_ds)} training images give no full batch of {cfg.batch_size} per process; '
                          'lower the batch size.')
@@ -374,7 +380,8 @@ def train(
                 scheduler.step_update(epoch * updates_per_epoch + step // accum + 1)
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
-            images = gpu_augment(images, gen, pad=cfg.crop_pad, flip=cfg.hflip)
+            if not getattr(train_loader, 'augmented', False):
+                images = gpu_augment(images, gen, pad=cfg.crop_pad, flip=cfg.hflip)
             x = normalize(images, mean, std, cfg.channels_last)
             x, target = _mixup(x, labels, num_classes, cfg.mixup_alpha, cfg.label_smoothing, gen)
             sync = ddp_model.no_sync() if world > 1 and not last else contextlib.nullcontext()
@@ -627,7 +634,8 @@ def _overrides(text: Optional[str]) -> List[str]:
 def _cmd_train(args) -> int:
     import timm
     import aff_zoo  # noqa: F401  (registers the models)
-    from ..data import DataError, load_images, split_train_val
+    from ..data import DataError
+    from ..data.streaming import open_data, train_val_split
     try:
         apply_recipe(args)
     except ValueError as e:
@@ -642,11 +650,14 @@ def _cmd_train(args) -> int:
     try:
         _, rank = _dist_info()
         try:
-            data = load_images(args.data, split='train', num_classes=args.num_classes, progress=rank == 0)
-            train_ds, val_ds = split_train_val(data, args.val_per_class)
+            data, choice = open_data(args.data, 'train', args.data_path, args.img_size, args.num_classes,
+                                     args.workers, progress=rank == 0)
+            train_ds, val_ds = train_val_split(data, args.val_per_class)
         except DataError as e:
             print(f'error: {e}', file=sys.stderr)
             return 2
+        if rank == 0:
+            print(f'data: {choice.path} ({choice.reason})', file=sys.stderr)
         if args.train_subset:
             train_ds = train_ds.subset(torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(0))
                                        [:args.train_subset].sort().values.numpy())
@@ -655,8 +666,11 @@ def _cmd_train(args) -> int:
         model = timm.create_model(args.model, num_classes=len(data.classes), drop_path_rate=args.drop_path)
         try:
             metrics = train(model, train_ds, val_ds, cfg, args.output, resume=args.resume,
+                            extra_metrics=dict(data_path=choice.path, data_source=choice.kind,
+                                               data_reason=choice.reason, img_size=args.img_size),
                             resume_override=_overrides(args.resume_override),
-                            run_info=dict(train_subset=args.train_subset, drop_path=args.drop_path))
+                            run_info=dict(train_subset=args.train_subset, drop_path=args.drop_path,
+                                          data_path=choice.path, img_size=args.img_size))
         except (ValueError, TrainingDiverged) as e:  # RunError and the loop's other clear errors
             print(f'error: {e}', file=sys.stderr)
             return 2
@@ -687,8 +701,16 @@ def register_cli(subparsers):
                    help='named preset (explicit flags override its values); prints its full command')
     p.add_argument('--print-command', action='store_true', help='print the full explicit command and exit')
     p.add_argument('--num-classes', type=int, default=None, help='expected class count (checked against the data)')
-    p.add_argument('--val-per-class', type=int, default=_Default(500),
-                   help='last N images (by name) of each class = val')
+    p.add_argument('--val-per-class', type=int, default=None,
+                   help='last N images (by name) of each class = val (default 500, or a tenth of the smallest '
+                        'class when that has under 5000)')
+    p.add_argument('--data-path', choices=('auto', 'memory', 'stream'), default='auto',
+                   help='memory: decode once, keep uint8 (small fixed-size sets); stream: DataLoader workers read '
+                        'and augment (large sets, mixed sizes, WebDataset shards); auto picks by format and size')
+    p.add_argument('--img-size', type=int, default=None,
+                   help='streaming: train/eval crop size (default: the model\'s input size)')
+    p.add_argument('--workers', type=int, default=min(8, os.cpu_count() or 1),
+                   help='streaming: DataLoader worker processes per training process')
     p.add_argument('--train-subset', type=int, default=_Default(0),
                    help='train on a fixed random subset of N images (0=all)')
     p.add_argument('--drop-path', type=float, default=_Default(0.0), help='stochastic depth rate')
