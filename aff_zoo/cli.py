@@ -1,14 +1,42 @@
-"""``aff-zoo``: the console command. ``list`` and ``classify`` live here; other subcommands are
-registered by the module that implements them (see ``_COMMAND_MODULES``)."""
+"""``aff-zoo``: the console command, on top of every layer (nothing imports it).
+
+``COMMANDS`` names each subcommand, the module that implements it (with ``register_cli(subparsers)``) and
+its one-line help: the parser lists every command from this table, and imports a command's module only
+when that command runs (or shows its own ``--help``). ``list`` and ``classify`` live here.
+"""
 import argparse
 import importlib
 import sys
-from typing import List, Optional
+from typing import Dict, List, NamedTuple, Optional
 
-# Modules that define ``register_cli(subparsers)``; each adds its own subcommand(s).
-_COMMAND_MODULES: List[str] = [
-    'aff_zoo.training.train', 'aff_zoo.training.evaluate', 'aff_zoo.training.finetune', 'aff_zoo.publish.report',
-    'aff_zoo.publish.commands', 'aff_zoo.deploy.benchmark', 'aff_zoo.deploy.export']
+DESCRIPTION = """The Attentional Feature Fusion model zoo (Dai et al., WACV 2021) from the command line:
+list the models, classify images, train, evaluate, fine-tune, export to ONNX/TorchScript, benchmark,
+and write Hub checkpoint folders and model cards."""
+EPILOG = """`aff-zoo COMMAND --help` shows a command's options. Documentation: README.md and docs/*.md of
+https://github.com/aff-zoo/aff_zoo."""
+
+
+class Command(NamedTuple):
+    module: str  # defines register_cli(subparsers)
+    help: str
+
+
+COMMANDS: Dict[str, Command] = {
+    'list': Command('aff_zoo.cli', 'list the zoo as a table (parameters, GMACs, published weights)'),
+    'classify': Command('aff_zoo.cli', 'classify image files with a zoo model'),
+    'train': Command('aff_zoo.training.train', 'train a registered model on an image-folder dataset or archive'),
+    'evaluate': Command('aff_zoo.training.evaluate', 'accuracy, per-class accuracy, confusion matrix and throughput'),
+    'finetune': Command('aff_zoo.training.finetune',
+                        'fine-tune a model on your ImageFolder; writes a Hub-layout checkpoint folder'),
+    'convert': Command('aff_zoo.deploy.export', 'export models to ONNX / TorchScript, checked against the eager model'),
+    'benchmark': Command('aff_zoo.deploy.benchmark', 'speed: our models vs timm peers, our AFF vs the port'),
+    'export': Command('aff_zoo.publish.commands',
+                      'training run dir -> Hub folder (safetensors, config, card) + registry record'),
+    'publish': Command('aff_zoo.publish.commands', 'validate a Hub folder against the registry and upload it'),
+    'cards': Command('aff_zoo.publish.commands',
+                     'regenerate model cards, hub/*/README.md and the generated tables of README.md and docs/'),
+    'runs-table': Command('aff_zoo.publish.report', 'markdown table (ablation or checkpoints) from run directories'),
+}
 
 DEFAULT_MODEL = 'aff_resnext50'
 
@@ -66,8 +94,13 @@ def _cmd_classify(args) -> int:
     model.eval()
     loaded = bool(args.weights or args.pretrained)
     if not loaded:
-        print(f'note: {args.model} has random weights (no --pretrained/--weights given); the classes are noise.',
-              file=sys.stderr)
+        from .models.weights import available_tags
+        tags = available_tags(args.model.split('.', 1)[0])
+        hint = (f'add --pretrained (trained weights: {", ".join(tags)})' if tags else
+                f'{args.model} has no trained weights yet; give --weights FILE.safetensors, or try '
+                f'--model aff_resnet20.cifar10_e12 --pretrained')
+        print(f'WARNING: {args.model} is a randomly initialised network (no --pretrained or --weights): the labels '
+              f'below are those of an untrained network, not predictions. To classify, {hint}.', file=sys.stderr)
     transform = create_transform(**resolve_data_config({}, model=model))
     labels = _label_names(model, given, loaded)
     batch = torch.stack([transform(_load_image(p)) for p in args.images])
@@ -83,16 +116,13 @@ def _cmd_classify(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog='aff-zoo', description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest='command', required=True)
-
-    p = sub.add_parser('list', help='list the zoo as a table (parameters, GMACs, published weights)')
+def register_cli(sub) -> None:
+    p = sub.add_parser('list')
     p.add_argument('pattern', nargs='?', default='*', help='wildcard filter, e.g. "iaff_*"')
     p.add_argument('--format', choices=['text', 'markdown'], default='text')
     p.set_defaults(func=_cmd_list)
 
-    p = sub.add_parser('classify', help='classify image files with a zoo model')
+    p = sub.add_parser('classify')
     p.add_argument('images', nargs='+', help='image files (JPEG, PNG, ...)')
     p.add_argument('--model', '-m', default=DEFAULT_MODEL,
                    help=f'model name, optionally with a weights tag (default {DEFAULT_MODEL})')
@@ -103,14 +133,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--topk', type=int, default=5)
     p.set_defaults(func=_cmd_classify)
 
-    for mod in _COMMAND_MODULES:
-        importlib.import_module(mod).register_cli(sub)
+
+class _Subparsers:
+    """What a command module's ``register_cli`` receives: argparse's subparsers, with each command's help and
+    description taken from ``COMMANDS``, the one place that holds them (a module's own are replaced)."""
+
+    def __init__(self, sub):
+        self._sub = sub
+
+    def add_parser(self, name: str, **kwargs) -> argparse.ArgumentParser:
+        if name not in COMMANDS:
+            raise KeyError(f'command {name!r} is registered by a module but missing from aff_zoo.cli.COMMANDS')
+        kwargs['help'] = kwargs['description'] = COMMANDS[name].help
+        return self._sub.add_parser(name, **kwargs)
+
+
+def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
+    """The ``aff-zoo`` parser. Only ``command``'s module is imported (``'*'``: every module); the other
+    commands are listed, with their help, from ``COMMANDS`` alone."""
+    parser = argparse.ArgumentParser(prog='aff-zoo', description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
+    for module in dict.fromkeys(c.module for name, c in COMMANDS.items() if command in (name, '*')):
+        mod = sys.modules[__name__] if module == 'aff_zoo.cli' else importlib.import_module(module)
+        mod.register_cli(_Subparsers(sub))
+    for name, c in COMMANDS.items():
+        if name not in sub.choices:
+            sub.add_parser(name, help=c.help, add_help=False)  # a placeholder: never parses arguments
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    import aff_zoo  # noqa: F401  (registers the models with timm)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith('-')), None)
+    args = build_parser(command).parse_args(argv)
     try:
         return args.func(args) or 0
     except (ValueError, RuntimeError, KeyError, OSError) as e:

@@ -1,9 +1,12 @@
 """The lowest layer: atomic file writes (readers see the old file or the new one, never half of one),
-file hashes, and the git commit of this code (recorded with every run and upload)."""
+file hashes, the git commit of this code (recorded with every run and upload), and the one splicer of
+generated sections into markdown pages."""
 import hashlib
 import os
+import re
 import subprocess
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Dict, List
 
 
 def _alive(pid: int) -> bool:
@@ -73,3 +76,36 @@ def git_commit() -> str:
         return sha.stdout.strip() + ('-dirty' if dirty.stdout.strip() else '') if sha.returncode == 0 else 'unknown'
     except (OSError, subprocess.SubprocessError):
         return 'unknown'
+
+
+def write_changed(files: Dict[Path, str], check: bool = False) -> List[Path]:
+    """Write each ``{path: text}`` whose file is missing or differs (atomically) and return those paths;
+    ``check``: write nothing, only return them (generated files: cards, README and docs sections)."""
+    stale = [Path(p) for p, text in files.items() if not Path(p).is_file() or Path(p).read_text() != text]
+    if not check:
+        for path in stale:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(str(path), files[path])
+    return stale
+
+
+def _section_pattern(name: str) -> 're.Pattern':
+    return re.compile(rf'(<!-- {re.escape(name)}:start -->\n)(.*?)(<!-- {re.escape(name)}:end -->)', re.S)
+
+
+def replace_section(text: str, name: str, content: str) -> str:
+    """``text`` with the part between ``<!-- name:start -->`` and ``<!-- name:end -->`` replaced by ``content``
+    (the README's and docs pages' generated tables; every generator writes through this)."""
+    if not _section_pattern(name).search(text):
+        raise ValueError(f'no <!-- {name}:start --> ... <!-- {name}:end --> markers in the page; add them where '
+                         f'the generated text goes.')
+    return _section_pattern(name).sub(lambda m: m.group(1) + content.rstrip('\n') + '\n' + m.group(3), text,
+                                      count=1)
+
+
+def read_section(text: str, name: str) -> str:
+    """The text between the ``name`` markers."""
+    m = _section_pattern(name).search(text)
+    if m is None:
+        raise ValueError(f'no <!-- {name}:start --> ... <!-- {name}:end --> markers in the page')
+    return m.group(2)

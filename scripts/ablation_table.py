@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Thin wrapper: `python scripts/ablation_table.py ARGS` == `aff-zoo runs-table ARGS` (README tables from run logs)."""
+"""Thin wrapper: `python scripts/ablation_table.py ARGS` == `aff-zoo runs-table ARGS` (docs tables from run logs)."""
 import os
 import sys
 

@@ -1,5 +1,5 @@
 #!/bin/bash
-# The same-recipe fusion ablation of the README: resnet8 (b=1) with every fusion, seed 0, plus seed 1 for
+# The same-recipe fusion ablation of docs/training.md: resnet8 (b=1) with every fusion, seed 0, plus seed 1 for
 # add and aff. Runs one after another; rerun the script to resume (finished runs are skipped, an
 # unfinished one continues from its last epoch checkpoint).
 #   DATA=../shared/data/cifar10-train-jpeg.tar.gz OUT=runs/ablation scripts/cifar_ablation.sh

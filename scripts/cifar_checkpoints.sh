@@ -1,6 +1,6 @@
 #!/bin/bash
 # The published CIFAR-10 checkpoints: AFF, iAFF and the same-budget addition baseline, one recipe.
-# Sequential and resumable (rerun to continue). EPOCHS and ARCH set the budget; the README table
+# Sequential and resumable (rerun to continue). EPOCHS and ARCH set the budget; the docs/training.md table
 # lists the budget that was actually run. PARALLEL=1 runs the three at once with one thread each (on a
 # 2-core CPU small CIFAR nets use one core each better than two cores one after another).
 #   DATA=../shared/data/cifar10-train-jpeg.tar.gz OUT=runs/checkpoints EPOCHS=2 ARCH=resnet8 scripts/cifar_checkpoints.sh

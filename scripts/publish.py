@@ -1,5 +1,5 @@
 """Validate a Hub folder against the registry and upload it: ``python scripts/publish.py hub/<name> [--dry-run]``
-is ``aff-zoo publish`` (see README, "Publishing weights")."""
+is ``aff-zoo publish`` (see docs/publishing.md)."""
 import sys
 from pathlib import Path
 

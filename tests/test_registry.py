@@ -67,7 +67,7 @@ def test_hub_folders_and_cards_match_registry():
 def test_generated_files_are_current():
     """Cards and the README weights table as ``aff-zoo cards`` would write them; run it when this fails
     (tests/test_cli.py checks the README's models table)."""
-    assert cards.write_cards(ROOT, check=True, all_sections=False) == []
+    assert cards.write_cards(ROOT, check=True) == []
 
 
 def test_stale_card_and_table_are_detected(hub_checkpoint, tmp_path):

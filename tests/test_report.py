@@ -4,7 +4,8 @@ import json
 import pytest
 
 from aff_zoo.cli import main
-from aff_zoo.publish.report import ablation_table, load_runs, replace_between_markers
+from aff_zoo.publish.report import ablation_table, load_runs
+from aff_zoo.utils import replace_section
 
 
 def _run(root, model, seed, top1, lr=0.1):
@@ -39,7 +40,7 @@ def test_mixed_recipes_and_missing_markers_are_refused(tmp_path):
     with pytest.raises(ValueError, match='one recipe'):
         ablation_table(load_runs([str(tmp_path / '*')]))
     with pytest.raises(ValueError, match='markers'):
-        replace_between_markers('no markers', 'ablation', 'table')
+        replace_section('no markers', 'ablation-table', 'table')
 
 
 def test_benchmark_column(tmp_path):

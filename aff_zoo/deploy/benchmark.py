@@ -29,7 +29,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from ..utils import atomic_write, atomic_write_text
+from ..utils import atomic_write, atomic_write_text, replace_section
+from ..models.stats import gmacs as count_gmacs, param_count
 from ..layers.fusion import AFF, MSCAM, bottleneck_width, create_fusion, fuse_for_inference, iAFF
 
 __all__ = [
@@ -209,14 +210,6 @@ def _saved_mb(model: nn.Module, x: torch.Tensor) -> float:
     return sum(seen.values()) / 2 ** 20
 
 
-def _gmacs(model: nn.Module, x: torch.Tensor) -> float:
-    """Multiply-accumulates of one forward pass (torch's FLOP counter; 1 MAC = 2 FLOPs), per image, in G."""
-    from torch.utils.flop_counter import FlopCounterMode
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(x[:1])
-    return counter.get_total_flops() / 2 / 1e9
-
-
 def _summary(values: List[float]) -> Dict[str, float]:
     med = statistics.median(values)
     return dict(median=med, spread=(max(values) - min(values)) / med * 100 if med else float('nan'))
@@ -299,7 +292,7 @@ def benchmark_models(
         torch.manual_seed(0)
         model = timm.create_model(name, num_classes=num_classes, in_chans=in_chans)
         model = _prepare(model, dev, channels_last)
-        n_params = sum(p.numel() for p in model.parameters())
+        n_params = param_count(model)
         if grad_checkpointing:
             model.set_grad_checkpointing(True)
         ours = name in _zoo_names()
@@ -308,7 +301,7 @@ def benchmark_models(
         eval_model = _prepare(eval_model, dev, channels_last).eval()
         if fuse and ours:
             fuse_for_inference(eval_model)
-        gmacs = _gmacs(eval_model, x)
+        gmacs = count_gmacs(eval_model, x.shape[1:])  # per image
         run_eval = torch.compile(eval_model) if compile else eval_model
         run_train = torch.compile(model) if compile else model
         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
@@ -577,9 +570,11 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument('--repeats', type=int, default=7)
     p.add_argument('--iters', type=int, default=2, help='timed calls per model per repetition')
     p.add_argument('--out', default='benchmark', help='output path stem: writes <out>-<suite>.json/.csv/.md')
-    p.add_argument('--readme', default=None,
-                   help='also write each table into this README, between <!-- speed-<suite><suffix>:start/end --> markers')
-    p.add_argument('--readme-suffix', default='', help='suffix of the README section names (e.g. -full)')
+    p.add_argument('--doc', '--readme', dest='readme', default=None, metavar='PAGE',
+                   help='also write each table into this page (docs/speed.md), between '
+                        '<!-- speed-<suite><suffix>:start/end --> markers')
+    p.add_argument('--doc-suffix', '--readme-suffix', dest='readme_suffix', default='',
+                   help='suffix of the page\'s section names (e.g. -full)')
 
 
 def _command(args) -> str:
@@ -648,7 +643,6 @@ def run(args) -> int:
         with open(f'{args.out}-{suite}.md', 'w') as f:
             f.write(text)
         if args.readme:
-            from .docs import replace_section
             with open(args.readme) as f:
                 readme = f.read()
             readme = replace_section(readme, f'speed-{suite}{args.readme_suffix}', f'Command: `{_command(args)}`\n\n{text}')

@@ -13,16 +13,20 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock
-from torchvision.ops.misc import Conv2dNormActivation
 
 from .fusion import FUSIONS, create_fusion
 
 __all__ = ['AFFFPN']
 
 
-class AFFFPN(nn.Module):
+class AFFFPN(FeaturePyramidNetwork):
     """Feature pyramid whose top-down merge is ``fusion(lateral, upsample(top_down))``.
+
+    torchvision's ``FeaturePyramidNetwork`` builds the lateral and output convs, their init, the old
+    state-dict keys and the block getters; ``forward`` is its forward with the merge replaced (torchvision
+    adds inline, with no method to override) and clear input errors.
 
     Args:
         in_channels_list: channels of each input level, highest resolution first.
@@ -44,49 +48,23 @@ class AFFFPN(nn.Module):
             fusion_r: int = 4,
             fusion_scale: float = 2.0,
     ):
-        super().__init__()
         if not in_channels_list or any(c <= 0 for c in in_channels_list):
             raise ValueError(f'in_channels_list must hold positive channel counts, got {in_channels_list}')
         if fusion not in FUSIONS:
             raise ValueError(f'Unknown fusion {fusion!r}; choose one of {", ".join(FUSIONS)}')
         if extra_blocks is not None and not isinstance(extra_blocks, ExtraFPNBlock):
             raise TypeError(f'extra_blocks should be of type ExtraFPNBlock, not {type(extra_blocks).__name__}')
+        super().__init__(in_channels_list, out_channels, extra_blocks=extra_blocks, norm_layer=norm_layer)
         self.in_channels_list = list(in_channels_list)
         self.out_channels = out_channels
         self.fusion_name = fusion
-        self.inner_blocks = nn.ModuleList([
-            Conv2dNormActivation(c, out_channels, kernel_size=1, padding=0, norm_layer=norm_layer, activation_layer=None)
-            for c in in_channels_list])
-        self.layer_blocks = nn.ModuleList([
-            Conv2dNormActivation(out_channels, out_channels, kernel_size=3, norm_layer=norm_layer, activation_layer=None)
-            for _ in in_channels_list])
         # fusions[i] merges level i (lateral) with the top-down path from level i + 1.
         self.fusions = nn.ModuleList([
             create_fusion(fusion, out_channels, r=fusion_r, scale=fusion_scale)
             for _ in range(len(in_channels_list) - 1)])
-        for m in [*self.inner_blocks.modules(), *self.layer_blocks.modules()]:  # torchvision's init
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_uniform_(m.weight, a=1)
-                if m.bias is not None:
-                    nn.init.constant_(m.bias, 0)
-        self.extra_blocks = extra_blocks
-
-    # TorchScript cannot index a ModuleList with a loop variable; these select by comparison instead.
-    def _inner(self, x: torch.Tensor, idx: int) -> torch.Tensor:
-        out = x
-        for i, m in enumerate(self.inner_blocks):
-            if i == idx:
-                out = m(x)
-        return out
-
-    def _layer(self, x: torch.Tensor, idx: int) -> torch.Tensor:
-        out = x
-        for i, m in enumerate(self.layer_blocks):
-            if i == idx:
-                out = m(x)
-        return out
 
     def _fuse(self, lateral: torch.Tensor, top_down: torch.Tensor, idx: int) -> torch.Tensor:
+        """``self.fusions[idx](lateral, top_down)``; TorchScript cannot index a ModuleList with a variable."""
         out = lateral
         for i, m in enumerate(self.fusions):
             if i == idx:
@@ -108,13 +86,13 @@ class AFFFPN(nn.Module):
                     + str(self.in_channels_list[i]) + ' channels there (in_channels_list='
                     + str(self.in_channels_list) + '). Build it from the backbone\'s feature_info.channels().')
 
-        last = self._inner(feats[-1], len(feats) - 1)
-        results = [self._layer(last, len(feats) - 1)]
+        last = self.get_result_from_inner_blocks(feats[-1], -1)
+        results = [self.get_result_from_layer_blocks(last, -1)]
         for idx in range(len(feats) - 2, -1, -1):
-            lateral = self._inner(feats[idx], idx)
+            lateral = self.get_result_from_inner_blocks(feats[idx], idx)
             top_down = F.interpolate(last, size=lateral.shape[-2:], mode='nearest')
             last = self._fuse(lateral, top_down, idx)  # x = low-level lateral, y = high-level top-down
-            results.insert(0, self._layer(last, idx))
+            results.insert(0, self.get_result_from_layer_blocks(last, idx))
 
         if self.extra_blocks is not None:
             results, names = self.extra_blocks(results, feats, names)

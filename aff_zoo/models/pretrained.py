@@ -213,12 +213,21 @@ def _arch_keys(arch: str) -> FrozenSet[str]:
         return _keys(timm.create_model(arch).state_dict())
 
 
+def zoo_models() -> List[str]:
+    """Every model aff_zoo registered with timm (read from timm's registry: importing ``aff_zoo.models``
+    here would be an import cycle)."""
+    import timm
+    from timm.models import model_entrypoint
+    return [n for n in timm.list_models() if model_entrypoint(n).__module__.startswith(__package__ + '.')]
+
+
 def identify_architecture(keys) -> Optional[str]:
     """The registered aff_zoo model whose tensor names are exactly ``keys``, or ``None``."""
-    from . import CIFAR_MODELS, IMAGENET_MODELS
+    from timm.models import model_entrypoint
     keys = _keys(keys)
-    first = IMAGENET_MODELS if any(k.startswith('conv1.') for k in keys) else CIFAR_MODELS
-    for arch in first + tuple(a for a in CIFAR_MODELS + IMAGENET_MODELS if a not in first):
+    family = '.resnet' if any(k.startswith('conv1.') for k in keys) else '.cifar'  # ImageNet stem: conv1.0
+    archs = sorted(zoo_models(), key=lambda a: not model_entrypoint(a).__module__.endswith(family))
+    for arch in archs:
         if _arch_keys(arch) == keys:
             return arch
     return None
@@ -381,13 +390,12 @@ def _check_device(device) -> Optional[torch.device]:
 def check_model_name(name: str) -> None:
     """``ValueError`` for a model name timm does not know, suggesting the closest registered names."""
     import timm
-    from . import list_models
     if name.startswith(('hf-hub:', 'local-dir:')):
         return
     arch = name.split('.', 1)[0]
     if timm.is_model(arch):
         return
-    close = (difflib.get_close_matches(arch, list_models(), n=3, cutoff=0.6)
+    close = (difflib.get_close_matches(arch, zoo_models(), n=3, cutoff=0.6)
              or difflib.get_close_matches(arch, timm.list_models(), n=3, cutoff=0.75))
     hint = f' Did you mean {" or ".join(close)}?' if close else ''
     raise ValueError(f'Unknown model {arch!r}.{hint} `aff-zoo list` shows the zoo\'s models.')
@@ -412,8 +420,7 @@ def create_model(name: str, pretrained: bool = False, weights=None, **kwargs) ->
     """``timm.create_model`` with the zoo's checks: an unknown name suggests close ones; ``hf-hub:`` names
     fetch their config through ``hub_download``; ``weights`` (a safetensors file or its folder) is loaded
     instead of the published weights, with its own label names (config.json beside it) or none."""
-    import timm
-    from .. import models  # noqa: F401  registers the models with timm
+    import timm  # the models are registered: importing this module ran aff_zoo/__init__ (models) first
     check_model_name(name)
     if weights is not None:
         overlay = dict(kwargs.pop('pretrained_cfg_overlay', None) or {}, file=str(weights))

@@ -1,13 +1,12 @@
 """Model cards and the README weights table, generated from the registry (``aff_zoo.models.weights``), whose
 metrics and recipe come from the training logs at export time. Never edited by hand: ``aff-zoo cards``
-rewrites ``model_cards/<name>.md``, ``hub/<name>/README.md`` and the README table (the ``weights``
-section of ``aff_zoo.docs``, so ``scripts/update_readme.py`` writes it too);
-``tests/test_registry.py`` fails when any of them is stale."""
+(``aff_zoo.publish.docs.write_generated``) rewrites ``model_cards/<name>.md``, ``hub/<name>/README.md`` and
+the README table with the other generated sections; ``tests/test_registry.py`` fails when any is stale."""
 from pathlib import Path
 from typing import List, Sequence
 
-from .docs import SECTIONS, replace_section
 from ..models.weights import CODE_REPO, Weights
+from ..utils import replace_section, write_changed
 
 
 _FUSION_TEXT = {
@@ -141,31 +140,21 @@ def weights_table(records: Sequence[Weights]) -> str:
         for w in records)
 
 
-def expected_files(root, records: Sequence[Weights], all_sections: bool = True) -> dict:
-    """``{path: text}`` for every generated file: the cards (model_cards/ and hub/<name>/README.md) and README."""
+def expected_files(root, records: Sequence[Weights]) -> dict:
+    """``{path: text}`` for the cards (model_cards/ and hub/<name>/README.md) and the README with its weights
+    table (``aff_zoo.publish.docs`` adds the other generated sections)."""
     root = Path(root)
     out = {}
     for w in records:
         card = model_card(w, has_curves=(root / 'hub' / w.name / 'training_curves.png').is_file())
         out[root / 'model_cards' / f'{w.name}.md'] = card
         out[root / 'hub' / w.name / 'README.md'] = card
-    readme = replace_section((root / 'README.md').read_text(), 'weights', weights_table(records))
-    for name, render in SECTIONS.items():  # the other generated sections that show the registry (models table)
-        if all_sections and name != 'weights' and f'<!-- {name}:start -->' in readme:
-            readme = replace_section(readme, name, render())
-    out[root / 'README.md'] = readme
+    out[root / 'README.md'] = replace_section((root / 'README.md').read_text(), 'weights', weights_table(records))
     return out
 
 
-def write_cards(root, check: bool = False, all_sections: bool = True) -> List[Path]:
-    """Rewrite the generated files that differ from the registry (``check``: only list them;
-    ``all_sections=False``: of the README only the weights table, not the slower models table)."""
+def write_cards(root, check: bool = False) -> List[Path]:
+    """Rewrite the cards and the README weights table where they differ from the registry (``check``: only
+    list them)."""
     from ..models import weights
-    stale = []
-    for path, text in expected_files(root, weights.WEIGHTS, all_sections).items():
-        if not path.is_file() or path.read_text() != text:
-            stale.append(path)
-            if not check:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(text)
-    return stale
+    return write_changed(expected_files(root, weights.WEIGHTS), check)

@@ -24,15 +24,15 @@ def _cmd_publish(args) -> int:
 
 
 def _cmd_cards(args) -> int:
-    from .cards import write_cards
-    paths = write_cards(Path(args.root), check=args.check)
+    from .docs import write_generated
+    paths = write_generated(Path(args.root), check=args.check)
     for path in paths:
         print(('stale: ' if args.check else 'wrote ') + str(path))
     return 1 if args.check and paths else 0
 
 
 def register_cli(sub):
-    p = sub.add_parser('export', help='training run dir -> Hub folder (safetensors, config, card) + registry record')
+    p = sub.add_parser('export')
     p.add_argument('run_dir', help='a finished `aff-zoo train` output dir (model.safetensors, metrics.json, ...)')
     p.add_argument('--arch', required=True, help='registered model name, e.g. aff_resnet20')
     p.add_argument('--tag', required=True, help='weights tag, e.g. cifar10')
@@ -41,7 +41,7 @@ def register_cli(sub):
     p.add_argument('--label-names', nargs='+', help='class names in output order (default: the run\'s classes '
                    'from metrics.json, where it has them)')
     p.set_defaults(func=_cmd_export)
-    p = sub.add_parser('publish', help='validate a Hub folder against the registry and upload it')
+    p = sub.add_parser('publish')
     p.add_argument('folder', help='e.g. hub/aff_resnet20.cifar10')
     p.add_argument('--name', help='registry name arch.tag (default: the folder name)')
     p.add_argument('--repo-id', help='Hub repo (default: the registry\'s, org from AFF_ZOO_HUB_ORG)')
@@ -50,7 +50,7 @@ def register_cli(sub):
     p.add_argument('--private', action='store_true', help='create the repo private')
     p.add_argument('--dry-run', action='store_true', help='list the exact operations, sizes and hashes; upload nothing')
     p.set_defaults(func=_cmd_publish)
-    p = sub.add_parser('cards', help='regenerate model cards, hub/*/README.md and the README weights table')
-    p.add_argument('--root', default='.', help='the aff_zoo checkout (README.md, hub/, model_cards/); default: .')
+    p = sub.add_parser('cards')
+    p.add_argument('--root', default='.', help='the aff_zoo checkout (README.md, docs/, hub/, model_cards/); default: .')
     p.add_argument('--check', action='store_true', help='write nothing; list stale files, exit 1 if any')
     p.set_defaults(func=_cmd_cards)

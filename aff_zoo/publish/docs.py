@@ -1,28 +1,27 @@
-"""README sections generated from the code (models table, ...): one function per section, and one
-way to splice them in between ``<!-- name:start -->`` / ``<!-- name:end -->`` markers."""
-import re
+"""Generated sections of README.md and docs/*.md: one generator per section, and the page that holds it.
+
+``python scripts/update_readme.py`` and ``aff-zoo cards`` rewrite them (with the model cards);
+``tests/test_cli.py`` fails when one is stale. Measured tables (speed, ablation, checkpoints) are written by
+the commands that measure them (``aff-zoo benchmark --doc docs/speed.md``, ``aff-zoo runs-table --doc
+docs/training.md``), into the same kind of ``<!-- name:start -->`` / ``<!-- name:end -->`` markers."""
 from pathlib import Path
-from typing import Callable, Dict
+from typing import Callable, Dict, List, NamedTuple, Optional
 
-
-def replace_section(text: str, name: str, content: str) -> str:
-    """``text`` with the part between the ``name`` markers replaced by ``content``."""
-    pattern = re.compile(rf'(<!-- {re.escape(name)}:start -->\n)(.*?)(<!-- {re.escape(name)}:end -->)', re.S)
-    if not pattern.search(text):
-        raise ValueError(f'README has no <!-- {name}:start --> ... <!-- {name}:end --> markers')
-    return pattern.sub(lambda m: m.group(1) + content.rstrip('\n') + '\n' + m.group(3), text, count=1)
-
-
-def read_section(text: str, name: str) -> str:
-    m = re.search(rf'<!-- {re.escape(name)}:start -->\n(.*?)<!-- {re.escape(name)}:end -->', text, re.S)
-    if m is None:
-        raise ValueError(f'README has no {name} section markers')
-    return m.group(1)
+from ..utils import read_section, replace_section, write_changed  # noqa: F401  (read_section: re-exported)
 
 
 def _models_table() -> str:
     from ..models.stats import models_table
     return models_table(fmt='markdown')
+
+
+def _models_short() -> str:
+    """The README's short table: the 50-layer ImageNet models and every model with published weights."""
+    from ..models import list_models
+    from ..models.stats import models_table
+    from ..models.weights import available_tags
+    names = [m for m in list_models() if m.endswith(('resnet50', 'resnext50')) or available_tags(m)]
+    return models_table(fmt='markdown', names=names)
 
 
 def _weights_table() -> str:
@@ -31,17 +30,39 @@ def _weights_table() -> str:
     return weights_table(weights.WEIGHTS)
 
 
-# name -> generator; other modules add their generated sections here.
-SECTIONS: Dict[str, Callable[[], str]] = {
-    'models-table': _models_table,
-    'weights': _weights_table,
+class Section(NamedTuple):
+    page: str  # path relative to the checkout
+    render: Callable[[], str]
+
+
+SECTIONS: Dict[str, Section] = {
+    'models-short': Section('README.md', _models_short),
+    'weights': Section('README.md', _weights_table),
+    'models-table': Section('docs/models.md', _models_table),
 }
 
 
-def update_readme(path: str = 'README.md') -> None:
-    """Regenerate every section of ``SECTIONS`` in the README, in place."""
-    p = Path(path)
-    text = p.read_text()
-    for name, render in SECTIONS.items():
-        text = replace_section(text, name, render())
-    p.write_text(text)
+def generated_files(root, records=None) -> Dict[Path, str]:
+    """``{path: text}`` of every generated file: the model cards and hub/*/README.md (``cards``), and each
+    page of ``SECTIONS`` with its sections regenerated."""
+    from ..models import weights
+    from .cards import expected_files
+    root = Path(root)
+    out = expected_files(root, weights.WEIGHTS if records is None else records)
+    for name, section in SECTIONS.items():
+        path = root / section.page
+        text = out[path] if path in out else path.read_text()
+        out[path] = replace_section(text, name, section.render())
+    return out
+
+
+def write_generated(root='.', check: bool = False) -> List[Path]:
+    """Rewrite the generated files that are stale and return them (``check``: only return them)."""
+    return write_changed(generated_files(root), check)
+
+
+def update_readme(root: Optional[str] = None) -> List[Path]:
+    """Regenerate the models' figures (``_stats_table.py``), the cards and every generated section."""
+    from ..models.stats import write_stats_table
+    write_stats_table()
+    return write_generated(root or Path(__file__).resolve().parents[2])

@@ -1,5 +1,6 @@
 """Checkpoint folders exactly as their Hub repos hold them: write one from a model or a training run
 (``save_pretrained``, ``export_run``), print its registry record, and check one against the registry."""
+import copy
 import dataclasses
 import json
 import os
@@ -38,8 +39,7 @@ def save_pretrained(
     architecture, num_classes, num_features, pretrained_cfg) and ``README.md`` (the model card), plus
     ``training_curves.png`` when ``curves`` is given. Returns the ``Weights`` record describing the file
     (paste it into ``aff_zoo/models/weights.py`` to register it)."""
-    from safetensors.torch import save_file
-    from timm.models._hub import save_config_for_hf
+    from timm.models import save_for_hf
     folder = Path(folder)
     cfg = dict(model.pretrained_cfg)
     arch = cfg['architecture']
@@ -50,10 +50,11 @@ def save_pretrained(
     folder.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f'.{folder.name}.') as tmp:
         tmp = Path(tmp)
-        # weights: contiguous CPU copies (a channels_last or CUDA model saves as is); config: timm's own writer
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata={'format': 'pt'})
-        save_config_for_hf(model, tmp / 'config.json', model_config=dict(pretrained_cfg=pcfg))
+        # timm's public writer (model.safetensors + config.json); it saves state_dict() as it is, and
+        # safetensors refuses non-contiguous tensors, so it gets a CPU copy in the default memory format.
+        export = copy.deepcopy(model).cpu().to(memory_format=torch.contiguous_format)
+        save_for_hf(export, tmp, model_config=dict(pretrained_cfg=pcfg), safe_serialization=True)
+        del export
         record = replace(probe, sha256=sha256_file(tmp / WEIGHTS_NAME), size=(tmp / WEIGHTS_NAME).stat().st_size)
         if curves:
             shutil.copyfile(curves, tmp / CURVES_NAME)

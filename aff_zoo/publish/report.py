@@ -1,8 +1,8 @@
-"""README tables from run directories (their metrics.json), so every figure shown comes from a log.
+"""Tables for docs/training.md from run directories (their metrics.json), so every figure shown comes from a log.
 
 ``aff-zoo runs-table --kind ablation RUN_DIR...`` groups runs by model (seeds pooled) and prints
 val top-1 mean ± sample std over seeds, params and training images/s; ``--kind checkpoints`` prints one
-row per run. ``--readme README.md`` replaces the text between ``<!-- {kind}-table:start -->`` and
+row per run. ``--doc docs/training.md`` replaces the text between ``<!-- {kind}-table:start -->`` and
 ``<!-- {kind}-table:end -->`` instead of printing.
 """
 import glob
@@ -12,7 +12,7 @@ import statistics
 import sys
 from typing import Dict, List, Optional, Sequence
 
-from ..utils import atomic_write_text
+from ..utils import atomic_write_text, replace_section
 
 __all__ = ['load_runs', 'ablation_table', 'checkpoint_table', 'register_cli']
 
@@ -97,14 +97,6 @@ def checkpoint_table(runs: List[Dict]) -> str:
     return '\n'.join(lines)
 
 
-def replace_between_markers(text: str, kind: str, table: str) -> str:
-    start, end = f'<!-- {kind}-table:start -->', f'<!-- {kind}-table:end -->'
-    if start not in text or end not in text:
-        raise ValueError(f'README lacks the markers {start} ... {end}; add them where the table goes.')
-    a, b = text.index(start) + len(start), text.index(end)
-    return text[:a] + '\n' + table + '\n' + text[b:]
-
-
 def _cmd_runs_table(args) -> int:
     runs = load_runs(args.runs)
     try:
@@ -116,7 +108,7 @@ def _cmd_runs_table(args) -> int:
         if args.readme:
             with open(args.readme) as f:
                 text = f.read()
-            new = replace_between_markers(text, args.kind, table)
+            new = replace_section(text, f'{args.kind}-table', table)
             atomic_write_text(args.readme, new)
         else:
             print(table)
@@ -132,6 +124,8 @@ def register_cli(subparsers):
     p.add_argument('runs', nargs='+', help='run directories holding metrics.json (globs allowed)')
     p.add_argument('--kind', choices=('ablation', 'checkpoints'), default='ablation')
     p.add_argument('--throughput', help='JSON written by scripts/benchmark_train_step.py (adds a column)')
-    p.add_argument('--readme', help='replace the table between this file\'s <!-- KIND-table:start/end --> markers')
+    p.add_argument('--doc', '--readme', dest='readme', metavar='PAGE',
+                   help='replace the table between this page\'s <!-- KIND-table:start/end --> markers '
+                        '(docs/training.md holds both tables)')
     p.set_defaults(func=_cmd_runs_table)
     return p

@@ -28,13 +28,18 @@ def _dist_info():
 
 @torch.no_grad()
 def evaluate_loader(model: nn.Module, loader: BatchLoader, device: torch.device, mean, std,
-                    channels_last: bool, num_classes: int, amp: bool = False) -> Dict[str, torch.Tensor]:
-    """Sums over this rank's shard: loss, top-1/top-5 hits, count, per-class confusion (all-reduced in DDP)."""
+                    channels_last: bool, num_classes: int, amp: bool = False,
+                    tta_flip: bool = False) -> Dict[str, torch.Tensor]:
+    """Sums over this rank's shard: loss, top-1/top-5 hits, count, per-class confusion (all-reduced in DDP).
+    ``tta_flip`` adds ``top1_flip``/``top5_flip``: hits of the mean softmax over the image and its mirror image
+    (a separate figure; the headline numbers stay single-view)."""
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     top1 = torch.zeros((), dtype=torch.long, device=device)
     top5 = torch.zeros((), dtype=torch.long, device=device)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
+    top1_flip = torch.zeros((), dtype=torch.long, device=device)
+    top5_flip = torch.zeros((), dtype=torch.long, device=device)
     for images, labels in loader:
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         x = normalize(images, mean, std, channels_last)
@@ -48,7 +53,16 @@ def evaluate_loader(model: nn.Module, loader: BatchLoader, device: torch.device,
         top5 += (pred == labels[:, None]).any(dim=1).sum()
         confusion += torch.bincount(labels * num_classes + pred[:, 0], minlength=num_classes ** 2).view(
             num_classes, num_classes)
+        if tta_flip:
+            with torch.autocast(device.type, enabled=amp and device.type == 'cuda'):
+                flipped = model(x.flip(3))
+            probs = logits.softmax(1) + flipped.float().softmax(1)
+            pred = probs.topk(k, dim=1).indices
+            top1_flip += (pred[:, 0] == labels).sum()
+            top5_flip += (pred == labels[:, None]).any(dim=1).sum()
     out = dict(loss_sum=loss_sum, top1=top1, top5=top5, confusion=confusion)
+    if tta_flip:
+        out.update(top1_flip=top1_flip, top5_flip=top5_flip)
     world, _ = _dist_info()
     if world > 1:
         for v in out.values():
@@ -58,8 +72,9 @@ def evaluate_loader(model: nn.Module, loader: BatchLoader, device: torch.device,
 
 
 def evaluate(model: nn.Module, ds: ImageArrays, batch_size: int = 500, device: Optional[torch.device] = None,
-             channels_last: bool = True, amp: bool = False) -> Dict[str, Any]:
-    """Accuracy figures and images/s of ``model`` on ``ds`` (normalised with the model's pretrained_cfg)."""
+             channels_last: bool = True, amp: bool = False, tta_flip: bool = False) -> Dict[str, Any]:
+    """Accuracy figures and images/s of ``model`` on ``ds`` (normalised with the model's pretrained_cfg);
+    ``tta_flip`` adds horizontal-flip test-time augmentation as separate ``top1_flip``/``top5_flip``."""
     device = device or torch.device('cpu')
     cfg = model.pretrained_cfg
     num_classes = len(ds.classes)
@@ -68,15 +83,16 @@ def evaluate(model: nn.Module, ds: ImageArrays, batch_size: int = 500, device: O
         model = model.to(memory_format=torch.channels_last)
     loader = BatchLoader(ds, batch_size, shuffle=False)
     t0 = time.perf_counter()
-    ev = evaluate_loader(model, loader, device, cfg['mean'], cfg['std'], channels_last, num_classes, amp)
+    ev = evaluate_loader(model, loader, device, cfg['mean'], cfg['std'], channels_last, num_classes, amp, tta_flip)
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
     conf = ev['confusion'].cpu()
     count = int(conf.sum())
     per_class = (conf.diag().double() / conf.sum(1).clamp(min=1).double() * 100).tolist()
+    flip = {f'{k}_flip': round(100. * int(ev[f'{k}_flip']) / count, 3) for k in ('top1', 'top5') if tta_flip}
     return dict(
-        top1=round(100. * int(ev['top1']) / count, 3), top5=round(100. * int(ev['top5']) / count, 3),
+        top1=round(100. * int(ev['top1']) / count, 3), top5=round(100. * int(ev['top5']) / count, 3), **flip,
         loss=round(float(ev['loss_sum']) / count, 5), images=count,
         per_class={c: round(a, 2) for c, a in zip(ds.classes, per_class)},
         confusion=conf.tolist(), classes=list(ds.classes),
@@ -135,11 +151,12 @@ def _cmd_evaluate(args) -> int:
     torch.set_num_threads(args.threads or torch.get_num_threads())
     device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     model = load_model(args.model, args.checkpoint, args.pretrained, num_classes=len(data.classes))
-    res = evaluate(model, ds, args.batch_size, device, amp=args.amp)
+    res = evaluate(model, ds, args.batch_size, device, amp=args.amp, tta_flip=args.tta_flip)
     res.update(model=args.model, checkpoint=args.checkpoint, pretrained=args.pretrained,
                split=f'{args.split}' + (f' ({args.subset}: last {args.val_per_class}/class)'
                                         if args.split == 'train' and args.val_per_class else ''))
-    summary = {k: res[k] for k in ('model', 'split', 'top1', 'top5', 'images', 'images_per_s', 'device')}
+    summary = {k: res[k] for k in ('model', 'split', 'top1', 'top5', 'top1_flip', 'top5_flip', 'images',
+                                   'images_per_s', 'device') if k in res}
     print(json.dumps(summary))
     if not args.quiet:
         print('per-class top-1: ' + ', '.join(f'{c} {a:.1f}' for c, a in res['per_class'].items()))
@@ -164,6 +181,8 @@ def register_cli(subparsers):
     p.add_argument('--device', default=None)
     p.add_argument('--threads', type=int, default=0, help='CPU threads (0 = torch default)')
     p.add_argument('--amp', action='store_true', help='mixed precision (CUDA)')
+    p.add_argument('--tta-flip', action='store_true',
+                   help='also report top1_flip/top5_flip: softmax averaged over the image and its mirror image')
     p.add_argument('--output', help='write the full result (with confusion matrix) as JSON here')
     p.add_argument('--quiet', action='store_true')
     p.set_defaults(func=_cmd_evaluate)
