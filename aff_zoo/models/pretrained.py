@@ -213,22 +213,21 @@ def _arch_keys(arch: str) -> FrozenSet[str]:
         return _keys(timm.create_model(arch).state_dict())
 
 
-def _zoo_archs() -> Tuple[Tuple[str, ...], Tuple[str, ...]]:
-    """``(ImageNet-size, CIFAR-size)`` aff_zoo names, read from timm's registry by each entrypoint's module
-    (``aff_zoo.models`` imports this module, so importing its lists back would be a cycle)."""
+def zoo_models() -> List[str]:
+    """Every model aff_zoo registered with timm (read from timm's registry: importing ``aff_zoo.models``
+    here would be an import cycle)."""
     import timm
     from timm.models import model_entrypoint
-    names = [n for n in timm.list_models() if model_entrypoint(n).__module__.startswith('aff_zoo.models.')]
-    return (tuple(n for n in names if model_entrypoint(n).__module__ == 'aff_zoo.models.resnet'),
-            tuple(n for n in names if model_entrypoint(n).__module__ == 'aff_zoo.models.cifar'))
+    return [n for n in timm.list_models() if model_entrypoint(n).__module__.startswith(__package__ + '.')]
 
 
 def identify_architecture(keys) -> Optional[str]:
     """The registered aff_zoo model whose tensor names are exactly ``keys``, or ``None``."""
-    IMAGENET_MODELS, CIFAR_MODELS = _zoo_archs()
+    from timm.models import model_entrypoint
     keys = _keys(keys)
-    first = IMAGENET_MODELS if any(k.startswith('conv1.') for k in keys) else CIFAR_MODELS
-    for arch in first + tuple(a for a in CIFAR_MODELS + IMAGENET_MODELS if a not in first):
+    family = '.resnet' if any(k.startswith('conv1.') for k in keys) else '.cifar'  # ImageNet stem: conv1.0
+    archs = sorted(zoo_models(), key=lambda a: not model_entrypoint(a).__module__.endswith(family))
+    for arch in archs:
         if _arch_keys(arch) == keys:
             return arch
     return None
@@ -396,7 +395,7 @@ def check_model_name(name: str) -> None:
     arch = name.split('.', 1)[0]
     if timm.is_model(arch):
         return
-    close = (difflib.get_close_matches(arch, sum(_zoo_archs(), ()), n=3, cutoff=0.6)
+    close = (difflib.get_close_matches(arch, zoo_models(), n=3, cutoff=0.6)
              or difflib.get_close_matches(arch, timm.list_models(), n=3, cutoff=0.75))
     hint = f' Did you mean {" or ".join(close)}?' if close else ''
     raise ValueError(f'Unknown model {arch!r}.{hint} `aff-zoo list` shows the zoo\'s models.')
