@@ -223,3 +223,22 @@ def test_finetune_accepts_mixed_sizes(mixed, tmp_path):
     cfg = TrainConfig(epochs=1, batch_size=16, lr=0.05, progress=False, eval_batch_size=16)
     metrics = finetune(model, train, val, cfg, str(tmp_path / 'ft'))
     assert math.isfinite(metrics['val_top1']) and (tmp_path / 'ft' / 'hub' / 'model.safetensors').exists()
+
+
+@pytest.mark.parametrize('source', ['folder', 'wds'])
+def test_streaming_reads_16_bit_images_through_to_rgb(source, tmp_path):
+    """16-bit PNGs are scaled (32768 -> 128), not clipped to white, on the streaming path too."""
+    from PIL import Image
+    for c in ('a', 'b'):
+        (tmp_path / 'imgs' / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((24 + 8 * i, 40), 32768, dtype=np.uint16)).save(tmp_path / 'imgs' / c / f'{i}.png')
+    path = str(tmp_path / 'imgs')
+    if source == 'wds':
+        write_shards(path, str(tmp_path / 'wds'), val_per_class=1, shard_size=4, progress=False)
+        path = str(tmp_path / 'wds')
+    data, choice = open_data(path, img_size=16, data_path='stream', workers=0)
+    _, val = train_val_split(data, 1)
+    images, _ = next(iter(val.make_loader(2, shuffle=False)))
+    assert images.dtype == torch.uint8 and images.shape[1:] == (3, 16, 16)
+    assert images.min() == 128 and images.max() == 128

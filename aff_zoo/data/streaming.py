@@ -37,6 +37,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from .images import to_rgb
 from .memory import DataError, ImageArrays, IMG_EXTENSIONS, _list_dir, load_images, split_train_val, VAL_PER_CLASS
 
 __all__ = [
@@ -176,16 +177,21 @@ class StreamSplit:
         return StreamSplit(**args)
 
     def transform(self, model: Optional[torch.nn.Module] = None):
-        """timm's transform for this split, sized ``img_size`` (else the model's input size), output uint8."""
+        """timm's transform for this split, sized ``img_size`` (else the model's input size), output uint8.
+        It starts with our ``to_rgb`` (16-bit scaled, alpha composited, EXIF orientation), the one image
+        conversion of every data path; the datasets are created with ``input_img_mode=None`` to leave it to us."""
         from timm.data import create_transform, resolve_data_config
+        from torchvision.transforms import Compose
         args = {'input_size': (3, self.img_size, self.img_size)} if self.img_size else {}
         cfg = resolve_data_config(args, model=model)
         if self.is_training:
-            return create_transform(cfg['input_size'], is_training=True, use_prefetcher=True,
-                                    interpolation='bilinear', hflip=0.5, color_jitter=0.4)
-        return create_transform(cfg['input_size'], is_training=False, use_prefetcher=True,
-                                interpolation=cfg['interpolation'], crop_pct=cfg['crop_pct'],
-                                crop_mode=cfg.get('crop_mode', 'center'))
+            timm_transform = create_transform(cfg['input_size'], is_training=True, use_prefetcher=True,
+                                              interpolation='bilinear', hflip=0.5, color_jitter=0.4)
+        else:
+            timm_transform = create_transform(cfg['input_size'], is_training=False, use_prefetcher=True,
+                                              interpolation=cfg['interpolation'], crop_pct=cfg['crop_pct'],
+                                              crop_mode=cfg.get('crop_mode', 'center'))
+        return Compose([to_rgb, timm_transform])
 
     def make_loader(self, batch_size: int, shuffle: bool, seed: int = 0, drop_last: bool = False,
                     num_replicas: int = 1, rank: int = 0, model: Optional[torch.nn.Module] = None) -> 'StreamLoader':
@@ -211,7 +217,7 @@ def _folder_dataset(split: StreamSplit, transform):
     root = os.path.commonpath([os.path.dirname(os.path.dirname(full)) for _, full in split.files])
     ds = create_dataset('', root=root, split='train', search_split=False,
                         class_map={c: i for i, c in enumerate(split.classes)}, transform=transform,
-                        input_key=';'.join(IMG_EXTENSIONS))
+                        input_key=';'.join(IMG_EXTENSIONS), input_img_mode=None)
     row = {os.path.abspath(p): i for i, (p, _) in enumerate(ds.reader.samples)}
     try:
         idx = [row[os.path.abspath(full)] for _, full in split.files]
@@ -241,6 +247,9 @@ def _wds_dataset(split: StreamSplit, transform, batch_size: int, seed: int, num_
         ds = create_dataset('wds/', root=split.source, split=_brace(shards, sum(split.shard_lengths[i] for i in mine)),
                             is_training=False, batch_size=batch_size, transform=transform)
         ds.reader.dist_rank, ds.reader.dist_num_replicas = 0, 1
+    # timm's create_reader drops None arguments, so ReaderWds would convert to 'RGB' (clipping 16-bit images)
+    # before our to_rgb: leave the conversion to the transform, as for folders.
+    ds.reader.input_img_mode = None
     ds.set_loader_cfg(num_workers=workers)
     return ds
 
