@@ -71,6 +71,20 @@ def test_streamed_folder_with_val_folder(tmp_path):
     assert [len(s) for s in train_val_split(data, 1)] == [12, 3]
 
 
+def test_streamed_images_go_through_the_project_reader(tmp_path):
+    """16-bit PNGs are scaled to 8 bits (aff_zoo.data.images.to_rgb), not clipped to white, when streamed."""
+    from PIL import Image
+    for c in ('a', 'b'):
+        (tmp_path / c).mkdir()
+        for i in range(3):
+            Image.fromarray(np.full((12 + i, 10, 1), 32896, dtype=np.uint16)[..., 0]).save(tmp_path / c / f'{i}.png')
+    data, choice = open_data(tmp_path, img_size=8, workers=0)
+    assert choice.path == 'stream'
+    _, val = train_val_split(data, 1)
+    (x, y), = list(val.make_loader(4, shuffle=False))
+    assert x.shape == (2, 3, 8, 8) and bool((x == 128).all())
+
+
 def _epoch(split, epoch, rank=0, world=2, batch=8):
     loader = split.make_loader(batch, shuffle=True, seed=3, drop_last=True, num_replicas=world, rank=rank)
     loader.set_epoch(epoch)

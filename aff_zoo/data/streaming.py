@@ -179,13 +179,19 @@ class StreamSplit:
         """timm's transform for this split, sized ``img_size`` (else the model's input size), output uint8."""
         from timm.data import create_transform, resolve_data_config
         args = {'input_size': (3, self.img_size, self.img_size)} if self.img_size else {}
+        from torchvision.transforms import Compose
+        from .images import to_rgb
         cfg = resolve_data_config(args, model=model)
         if self.is_training:
-            return create_transform(cfg['input_size'], is_training=True, use_prefetcher=True,
-                                    interpolation='bilinear', hflip=0.5, color_jitter=0.4)
-        return create_transform(cfg['input_size'], is_training=False, use_prefetcher=True,
-                                interpolation=cfg['interpolation'], crop_pct=cfg['crop_pct'],
-                                crop_mode=cfg.get('crop_mode', 'center'))
+            t = create_transform(cfg['input_size'], is_training=True, use_prefetcher=True,
+                                 interpolation='bilinear', hflip=0.5, color_jitter=0.4)
+        else:
+            t = create_transform(cfg['input_size'], is_training=False, use_prefetcher=True,
+                                 interpolation=cfg['interpolation'], crop_pct=cfg['crop_pct'],
+                                 crop_mode=cfg.get('crop_mode', 'center'))
+        # the readers hand over the image unconverted (input_img_mode=None): the project's one reader makes it
+        # RGB (16-bit scaled, not clipped; alpha composited; EXIF orientation; first frame)
+        return Compose([to_rgb, t])
 
     def make_loader(self, batch_size: int, shuffle: bool, seed: int = 0, drop_last: bool = False,
                     num_replicas: int = 1, rank: int = 0, model: Optional[torch.nn.Module] = None) -> 'StreamLoader':
@@ -211,7 +217,7 @@ def _folder_dataset(split: StreamSplit, transform):
     root = os.path.commonpath([os.path.dirname(os.path.dirname(full)) for _, full in split.files])
     ds = create_dataset('', root=root, split='train', search_split=False,
                         class_map={c: i for i, c in enumerate(split.classes)}, transform=transform,
-                        input_key=';'.join(IMG_EXTENSIONS))
+                        input_key=';'.join(IMG_EXTENSIONS), input_img_mode=None)
     row = {os.path.abspath(p): i for i, (p, _) in enumerate(ds.reader.samples)}
     try:
         idx = [row[os.path.abspath(full)] for _, full in split.files]
@@ -229,7 +235,8 @@ def _wds_dataset(split: StreamSplit, transform, batch_size: int, seed: int, num_
     from timm.data import create_dataset
     if split.is_training:
         ds = create_dataset('wds/', root=split.source, split=_brace(split.shards, sum(split.shard_lengths)),
-                            is_training=True, batch_size=batch_size, seed=seed, transform=transform)
+                            is_training=True, batch_size=batch_size, seed=seed, transform=transform,
+                            input_img_mode=None)
         r = ds.reader
         r.dist_rank, r.dist_num_replicas = rank, num_replicas  # explicit, also without a process group
     else:
@@ -239,7 +246,7 @@ def _wds_dataset(split: StreamSplit, transform, batch_size: int, seed: int, num_
             return None
         shards = [split.shards[i] for i in mine]
         ds = create_dataset('wds/', root=split.source, split=_brace(shards, sum(split.shard_lengths[i] for i in mine)),
-                            is_training=False, batch_size=batch_size, transform=transform)
+                            is_training=False, batch_size=batch_size, transform=transform, input_img_mode=None)
         ds.reader.dist_rank, ds.reader.dist_num_replicas = 0, 1
     ds.set_loader_cfg(num_workers=workers)
     return ds
