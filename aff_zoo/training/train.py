@@ -664,8 +664,15 @@ def _cmd_train(args) -> int:
         cfg = config_from_args(args)
         seed_everything(cfg.seed)
         model = timm.create_model(args.model, num_classes=len(data.classes), drop_path_rate=args.drop_path)
+        device = None  # auto: this rank's GPU where CUDA is available, else the CPU
+        if args.device == 'cuda' and not torch.cuda.is_available():
+            print(f'error: --device cuda, but CUDA is not available here (torch {torch.__version__}); '
+                  'use --device cpu or auto.', file=sys.stderr)
+            return 2
+        if args.device != 'auto':
+            device = torch.device(f'cuda:{int(os.environ.get("LOCAL_RANK", 0))}' if args.device == 'cuda' else 'cpu')
         try:
-            metrics = train(model, train_ds, val_ds, cfg, args.output, resume=args.resume,
+            metrics = train(model, train_ds, val_ds, cfg, args.output, resume=args.resume, device=device,
                             extra_metrics=dict(data_path=choice.path, data_source=choice.kind,
                                                data_reason=choice.reason, img_size=args.img_size),
                             resume_override=_overrides(args.resume_override),
@@ -709,6 +716,8 @@ def register_cli(subparsers):
                         'and augment (large sets, mixed sizes, WebDataset shards); auto picks by format and size')
     p.add_argument('--img-size', type=int, default=None,
                    help='streaming: train/eval crop size (default: the model\'s input size)')
+    p.add_argument('--device', choices=('auto', 'cpu', 'cuda'), default='auto',
+                   help="auto: this process's GPU (LOCAL_RANK) where CUDA is available, else the CPU")
     p.add_argument('--workers', type=int, default=min(8, os.cpu_count() or 1),
                    help='streaming: DataLoader worker processes per training process')
     p.add_argument('--train-subset', type=int, default=_Default(0),
