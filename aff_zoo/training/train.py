@@ -447,7 +447,16 @@ def _cmd_train(args) -> int:
                                        [:args.train_subset].sort().values.numpy())
         cfg = config_from_args(args)
         seed_everything(cfg.seed)
-        model = timm.create_model(args.model, num_classes=len(data.classes), drop_path_rate=args.drop_path)
+        if getattr(args, 'init_from', None):  # a trained plain peer's weights, fusions starting as addition
+            from ..models.upcycle import UpcycleError, upcycle
+            try:
+                model = upcycle(args.model, args.init_from, num_classes=len(data.classes),
+                                drop_path_rate=args.drop_path)
+            except UpcycleError as e:
+                print(f'error: --init-from: {e}', file=sys.stderr)
+                return 2
+        else:
+            model = timm.create_model(args.model, num_classes=len(data.classes), drop_path_rate=args.drop_path)
         metrics = train(model, train_ds, val_ds, cfg, args.output, resume=args.resume)
         if rank == 0:
             print(json.dumps({k: metrics[k] for k in ('model', 'val_top1', 'val_top5', 'best_epoch', 'epochs')}))
@@ -469,6 +478,9 @@ def register_cli(subparsers):
     p.add_argument('--val-per-class', type=int, default=500, help='last N images (by name) of each class = val')
     p.add_argument('--train-subset', type=int, default=0, help='train on a fixed random subset of N images (0=all)')
     p.add_argument('--drop-path', type=float, default=0.0, help='stochastic depth rate')
+    p.add_argument('--init-from', default=None,
+                   help='start from a trained plain peer, upcycled (aff_zoo.upcycle): a timm name such as '
+                        'resnet50d.a1_in1k, a zoo tag such as add_resnet20.cifar10_e12, or local-dir:<folder>')
     add_config_args(p)
     p.set_defaults(func=lambda a: _cmd_train(a))
     return p
