@@ -8,15 +8,17 @@ the model's output equals the parent's. Training then moves the zeroed tensors f
 are not zero) and every other fusion tensor from the second step on: the zero-init-last-layer trick of
 ReZero and zero-init residual BN, applied to the attention instead of the residual.
 """
-from typing import Any, Dict, List, Mapping, Tuple, Union
+import os
+import re
 import warnings
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 
 from ..layers.fusion import MSCAM, SEFusion, _TwoWaySoftmax
 
-__all__ = ['upcycle', 'plain_keys', 'zero_fusion_logits', 'UpcycleError']
+__all__ = ['upcycle', 'plain_keys', 'zero_fusion_logits', 'UpcycleError', 'parent_file', 'build_upcycled']
 
 
 class UpcycleError(ValueError):
@@ -159,4 +161,148 @@ def upcycle(arch: str, parent: Union[nn.Module, str, Mapping[str, torch.Tensor]]
         cfg['num_classes'] = model.num_classes
         cfg['upcycled_from'] = desc
         model.pretrained_cfg = model.default_cfg = cfg
+    return model
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Registered upcycled weights (``aff_zoo.models.weights.UPCYCLED``): the parent's file, verified, then upcycled.
+
+def _git_blob_sha1(path) -> str:
+    """The git object id of a file (what the Hub reports as the etag of a file not stored in LFS)."""
+    import hashlib
+    h = hashlib.sha1()
+    h.update(b'blob %d\0' % os.path.getsize(path))
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_reported(path, record, digest: str, source: str, commit: Optional[str]) -> str:
+    """Verify an unpinned parent's file against the digest the Hub reports for it: the LFS sha256 (64 hex) or,
+    for a file outside LFS, the git blob id (40 hex)."""
+    from ..utils import sha256_file
+    from .pretrained import HashMismatchError
+    digest = (digest or '').strip('"').lower()
+    if re.fullmatch(r'[0-9a-f]{64}', digest):
+        kind, actual = 'sha256', sha256_file(path)
+    elif re.fullmatch(r'[0-9a-f]{40}', digest):
+        kind, actual = 'git blob id', _git_blob_sha1(path)
+    else:
+        raise HashMismatchError(
+            f'{record.name}: the parent record is not pinned and the Hub reported no usable digest ({digest!r}) '
+            f'for {record.filename} of {record.parent_repo}; it was not loaded. Pin it: `aff-zoo pin-parents`.')
+    if actual != digest:
+        raise HashMismatchError(
+            f'{record.name}: the parent file {record.filename} of {record.parent_repo} from {source} ({path}) has '
+            f'{kind} {actual}, but the Hub reports {digest}. The file is corrupted; it was not loaded. Delete it '
+            f'(or the Hub cache entry) and download again.')
+    warnings.warn(
+        f'{record.name}: the parent record is not pinned yet (no revision/sha256 in aff_zoo/models/weights.py); '
+        f'{record.parent_repo}/{record.filename}' + (f' at commit {commit}' if commit else '') +
+        f' was checked against the {kind} the Hub reports ({digest[:12]}…). A maintainer with network access '
+        f'pins it with `aff-zoo pin-parents`.', stacklevel=4)
+    return str(path)
+
+
+def _verify_parent(path, record, source: str, reported: Optional[str] = None, commit: Optional[str] = None) -> str:
+    from .pretrained import verify_file
+    if record.sha256:
+        return verify_file(path, record, source)  # same check and message as our own files
+    if reported is None:  # a cached file: the Hub cache names each blob by the etag the Hub reported at download
+        reported = os.path.basename(os.path.realpath(path))
+    return _check_reported(path, record, reported, source, commit)
+
+
+def _hub_file_info(record) -> Tuple[str, Optional[str]]:
+    """``(commit, digest the Hub reports for the file)`` for the record's revision (``main`` if unpinned)."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+    from .pretrained import WeightsUnavailableError, _how_to_fix
+    api = HfApi()
+    revision = record.revision or 'main'
+    where = f'revision {revision} of Hub repo {record.parent_repo} ({api.endpoint})'
+    try:
+        commit = revision if record.revision else api.model_info(record.parent_repo, revision=revision).sha
+        infos = api.get_paths_info(record.parent_repo, [record.filename], revision=commit)
+    except (RepositoryNotFoundError, RevisionNotFoundError, HfHubHTTPError) as e:
+        detail = str(e).splitlines()[0]
+        raise WeightsUnavailableError(
+            f'{record.name}: the parent\'s {where} is not available ({type(e).__name__}: {detail}). '
+            + ('The pinned revision may be wrong, or the repo moved; check aff_zoo/models/weights.py. '
+               if record.revision else '') + _how_to_fix(record.name)) from None
+    if not infos:
+        raise WeightsUnavailableError(f'{record.name}: {where} has no {record.filename}. ' + _how_to_fix(record.name))
+    info = infos[0]
+    lfs = getattr(info, 'lfs', None)
+    digest = (lfs.sha256 if lfs is not None else None) or getattr(info, 'blob_id', None)
+    return commit, digest
+
+
+def parent_file(record) -> str:
+    """A local, verified copy of an upcycled record's parent file: the Hugging Face cache, else the Hub at
+    the pinned revision. Checked against the record's sha256 (or, until pinned, the Hub's reported digest)."""
+    from huggingface_hub import constants, try_to_load_from_cache
+    from .pretrained import _check_reachable, hub_download
+    revision = record.revision or 'main'
+    cached = try_to_load_from_cache(record.parent_repo, record.filename, revision=revision)
+    if isinstance(cached, str):
+        return _verify_parent(cached, record, 'the Hugging Face cache')
+    if constants.HF_HUB_OFFLINE:  # a clear 'not in the cache' error
+        hub_download(record.parent_repo, record.filename, record.name, revision)
+    try:
+        _check_reachable(constants.ENDPOINT, float(os.environ.get('AFF_ZOO_CONNECT_TIMEOUT', '5')))
+    except ConnectionError as e:
+        from .pretrained import WeightsUnavailableError, _how_to_fix
+        raise WeightsUnavailableError(
+            f'{record.name}: the Hub cannot be reached for the parent {record.parent_repo}/{record.filename} ({e}); '
+            f'it is not in the cache {constants.HF_HUB_CACHE}. ' + _how_to_fix(record.name)) from None
+    commit, digest = _hub_file_info(record)
+    path = hub_download(record.parent_repo, record.filename, record.name, commit)
+    return _verify_parent(path, record, f'the Hub at {constants.ENDPOINT}', reported=digest, commit=commit)
+
+
+_FEATURE_KWARGS = ('features_only', 'out_indices', 'feature_cls', 'feature_cfg', 'flatten_sequential',
+                   'pretrained_cfg', 'pretrained_cfg_overlay', 'pretrained_strict', 'output_stride')
+
+
+def build_upcycled(model_cls, variant: str, record, cfg: Dict[str, Any], feature_cfg, kwargs):
+    """``build_model_with_cfg`` for an upcycled record: the verified parent state dict is handed to timm's loader
+    (so ``num_classes``, ``in_chans`` and ``features_only`` behave as for any timm weight), after its names and
+    shapes were checked against the plain part of the model; then every fusion starts at zero logits."""
+    from safetensors.torch import load_file
+    from timm.models import build_model_with_cfg
+    import timm
+    path = parent_file(record)
+    state = load_file(path)
+    with torch.device('meta'):  # the key names and shapes of the plain model, without allocating it
+        probe = timm.create_model(variant, **{k: v for k, v in kwargs.items() if k not in _FEATURE_KWARGS})
+    target = probe.state_dict()
+    first = cfg.get('first_conv') or ''
+    adapted = {f'{first}.weight'} | set(_head_keys(probe))  # timm adapts the stem and drops a head of other size
+    wanted = set(plain_keys(probe))
+    missing = sorted(k for k in wanted if k not in state and not k.endswith('num_batches_tracked'))
+    unexpected = sorted(k for k in state if k not in wanted)
+    mismatched = sorted(k for k in wanted & set(state) if k not in adapted and state[k].shape != target[k].shape)
+    if missing or unexpected or mismatched:
+        raise UpcycleError(
+            f'{record.name}: the parent file {path} ({record.parent}) does not fit {variant}: missing '
+            f'{missing[:8]}, unexpected {unexpected[:8]}, shape mismatches {mismatched[:8]}.')
+    num_classes = kwargs.get('num_classes', record.num_classes)
+    if num_classes != record.num_classes:
+        warnings.warn(
+            f'{variant}: the parent has {record.num_classes} classes, the model {num_classes}; the classifier is '
+            f're-initialised (random) and these parent keys are not loaded: '
+            f'{", ".join(sorted(k for k in state if k in set(_head_keys(probe)) or k.startswith("fc."))) or "none"}. '
+            f'Fine-tune before use.', stacklevel=4)
+    cfg = dict(cfg, state_dict=state, source='', hf_hub_id=None, url=None, file=None)
+    kwargs = dict(kwargs, pretrained_cfg=cfg, pretrained_cfg_overlay=None, pretrained_strict=False)
+    model = build_model_with_cfg(model_cls, variant, True, feature_cfg=feature_cfg, **kwargs)
+    zero_fusion_logits(model)
+    for m in (model, getattr(model, 'model', None)):  # the state dict does not stay in the config
+        pc = getattr(m, 'pretrained_cfg', None)
+        if isinstance(pc, dict) and 'state_dict' in pc:
+            pc = dict(pc, hf_hub_id=record.parent_repo)
+            pc.pop('state_dict')
+            m.pretrained_cfg = m.default_cfg = pc
     return model
