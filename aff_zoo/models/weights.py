@@ -298,11 +298,6 @@ class Upcycled:
         )
 
 
-_UPCYCLED_NOTE = ('Upcycled, not trained with AFF: the plain tensors are the parent\'s ImageNet weights and every '
-                  'fusion starts as the addition it replaces, so the model computes exactly the parent\'s function '
-                  'until it is fine-tuned. A starting point for fine-tuning, where the attention learns.')
-
-
 # The parents' Hub commit, sha256 and size of their model.safetensors: written by `aff-zoo pin-parents` (a maintainer
 # with network access; this registry was written on a machine without), never by hand.
 # pins:start
@@ -314,7 +309,7 @@ PARENT_PINS: Dict[str, Tuple[str, str, int]] = {
 def _upcycled(archs, tag, parent, top1, top5, evaluation, notes='', **kw):
     revision, sha256, size = PARENT_PINS.get(parent, (None, None, None))
     return tuple(Upcycled(arch=a, tag=tag, parent=parent, parent_top1=top1, parent_top5=top5, parent_eval=evaluation,
-                          notes=(_UPCYCLED_NOTE + (' ' + notes if notes else '')), revision=revision, sha256=sha256,
+                          notes=notes, revision=revision, sha256=sha256,
                           size=size, **kw) for a in archs)
 
 

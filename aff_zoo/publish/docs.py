@@ -28,7 +28,7 @@ def _models_table() -> str:
 def _weights_table() -> str:
     from ..models import weights
     from .cards import weights_table
-    return weights_table(weights.WEIGHTS)
+    return weights_table(weights.WEIGHTS + weights.UPCYCLED)
 
 
 # name -> generator; other modules add their generated sections here.
