@@ -1,5 +1,7 @@
 """Upcycling (aff_zoo.upcycle): an AFF / iAFF model built from a plain peer computes the peer's function
 (eval and train mode), training gets past the zero start, and parents that do not fit are refused by name."""
+import os
+
 import pytest
 import timm
 import torch
@@ -117,3 +119,153 @@ def test_parents_that_do_not_fit_are_named():
     assert model.num_classes == 3
     assert plain_keys(model) == [k for k in timm.create_model('add_resnet20', num_classes=3).state_dict()]
     assert zero_fusion_logits(model) == 9
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Registered upcycled weights through a real Hub server (olah on 127.0.0.1, see tests/conftest.py), with a
+# generated stand-in for the parent: a random resnet50d in timm's Hub layout, served as test-org/resnet50d.standin.
+
+import subprocess  # noqa: E402
+import warnings  # noqa: E402
+from dataclasses import replace  # noqa: E402
+
+from aff_zoo.models import pretrained as zpre  # noqa: E402
+from aff_zoo.models._builder import registered_weights  # noqa: E402
+from aff_zoo.models.weights import Upcycled  # noqa: E402
+from aff_zoo.utils import sha256_file  # noqa: E402
+
+from conftest import HUB_TEST_ORG  # noqa: E402
+
+
+@pytest.fixture(scope='module')
+def standin_parent(hub_server, tmp_path_factory):
+    """``(parent model, pinned record, its folder)``: a random resnet50d saved with timm's ``save_for_hf`` and
+    committed to the server; the record is pinned at that commit with the file's sha256."""
+    from timm.models._hub import save_for_hf
+    torch.manual_seed(0)
+    parent = _randomize(timm.create_model('resnet50d')).eval()
+    folder = tmp_path_factory.mktemp('standin') / 'resnet50d.standin'
+    folder.mkdir()
+    save_for_hf(parent, str(folder), safe_serialization=True)
+    repo = hub_server.add_repo(f'{HUB_TEST_ORG}/resnet50d.standin', folder)
+    commit = subprocess.run(['git', '-C', str(repo), 'rev-parse', 'HEAD'], capture_output=True, text=True,
+                            check=True).stdout.strip()
+    record = Upcycled(
+        arch='aff_resnet50', tag='standin_upcycled', parent='resnet50d.standin', parent_top1=0.1, parent_top5=0.5,
+        parent_eval='random weights (test stand-in)', revision=commit,
+        sha256=sha256_file(folder / 'model.safetensors'), size=(folder / 'model.safetensors').stat().st_size,
+        parent_repo_override=f'{HUB_TEST_ORG}/resnet50d.standin')
+    return parent, record, folder
+
+
+@pytest.fixture
+def hub_here(hub_server, monkeypatch, tmp_path):
+    """This process's huggingface_hub pointed at the server and an empty cache (as HF_ENDPOINT/HF_HUB_CACHE do)."""
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, 'ENDPOINT', hub_server.endpoint)
+    monkeypatch.setattr(constants, 'HUGGINGFACE_CO_URL_TEMPLATE',
+                        hub_server.endpoint + '/{repo_id}/resolve/{revision}/{filename}')
+    monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(tmp_path / 'hf_cache'))
+    monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', False)
+    return hub_server
+
+
+def test_upcycled_tag_loads_through_hub_then_offline_from_cache(hub_here, standin_parent, monkeypatch):
+    """``timm.create_model(tag, pretrained=True)``: the pinned parent file from the server, verified, upcycled
+    (logits = the stand-in's); then again with HF_HUB_OFFLINE=1 and a dead endpoint: from the cache alone."""
+    from huggingface_hub import constants
+    parent, record, _ = standin_parent
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = parent(x)
+    with registered_weights(record):
+        with warnings.catch_warnings():
+            warnings.simplefilter('error')  # pinned: no 'not pinned' warning
+            model = timm.create_model(record.name, pretrained=True).eval()
+        with torch.no_grad():
+            assert _rel(model(x), ref) <= 1e-5
+        assert model.pretrained_cfg['hf_hub_id'] == record.parent_repo and 'state_dict' not in model.pretrained_cfg
+        monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True)
+        monkeypatch.setattr(constants, 'ENDPOINT', 'http://127.0.0.1:9')
+        again = timm.create_model(record.name, pretrained=True, num_classes=5)  # offline, from the cache; new head
+        assert again.num_classes == 5
+        plain = set(plain_keys(model)) - {'fc.weight', 'fc.bias'}  # fusion internals are a fresh random init
+        assert all(torch.equal(v, again.state_dict()[k]) for k, v in model.state_dict().items() if k in plain)
+        monkeypatch.setattr(constants, 'HF_HUB_CACHE', constants.HF_HUB_CACHE + '-empty')
+        with pytest.raises(zpre.WeightsUnavailableError, match='HF_HUB_OFFLINE=1 is set'):
+            timm.create_model(record.name, pretrained=True)
+
+
+def test_unpinned_parent_is_checked_against_the_hub_digest(hub_here, standin_parent):
+    """Not pinned (no revision/sha256): the file is checked against the digest the server reports (here the git
+    blob id: the stand-in is not in LFS) with a warning; a corrupted cache copy is then refused."""
+    parent, record, _ = standin_parent
+    unpinned = replace(record, tag='unpinned_upcycled', revision=None, sha256=None, size=None)
+    with registered_weights(unpinned):
+        with pytest.warns(UserWarning, match='not pinned yet.*git blob id'):
+            model = timm.create_model(unpinned.name, pretrained=True)
+        assert torch.equal(model.conv1[0].weight, parent.conv1[0].weight)
+        from huggingface_hub import try_to_load_from_cache
+        cached = os.path.realpath(try_to_load_from_cache(unpinned.parent_repo, 'model.safetensors', revision='main'))
+        with open(cached, 'r+b') as f:
+            f.seek(-1, 2)
+            last = f.read(1)
+            f.seek(-1, 2)
+            f.write(bytes([last[0] ^ 0xFF]))
+        with pytest.raises(zpre.HashMismatchError, match='the Hub reports'):
+            timm.create_model(unpinned.name, pretrained=True)
+
+
+def test_corrupt_parent_and_unknown_revision_are_refused(hub_here, standin_parent):
+    """Last of the Hub tests: olah answers an unknown revision with a 500 and resets its next connection."""
+    parent, record, folder = standin_parent
+    data = bytearray((folder / 'model.safetensors').read_bytes())
+    data[-1] ^= 0xFF
+    corrupt = hub_here.add_repo(f'{HUB_TEST_ORG}/resnet50d.corrupt', folder, replace={'model.safetensors': bytes(data)})
+    commit = subprocess.run(['git', '-C', str(corrupt), 'rev-parse', 'HEAD'], capture_output=True, text=True,
+                            check=True).stdout.strip()
+    bad = replace(record, tag='corrupt_upcycled', revision=commit, parent_repo_override=f'{HUB_TEST_ORG}/resnet50d.corrupt')
+    gone = replace(record, tag='gone_upcycled', revision='0' * 40)
+    with registered_weights(bad, gone):
+        with pytest.raises(zpre.HashMismatchError, match=f'expects {record.sha256}'):
+            timm.create_model(bad.name, pretrained=True)
+        with pytest.raises(zpre.WeightsUnavailableError, match=r'revision 0{40} of Hub repo .*pinned revision may be wrong'):
+            timm.create_model(gone.name, pretrained=True)
+
+
+def test_registry_upcycled_records_agree_with_timm_hubconf_and_cards():
+    """Every ImageNet model with an exact plain peer has upcycled tags (default tag first); timm's cfgs are the
+    parent's preprocessing as timm itself gives it; the cards say what the weights are."""
+    from aff_zoo.models import weights
+    from aff_zoo.publish.cards import upcycled_card
+    names = {u.name for u in weights.UPCYCLED}
+    for arch in ('aff_resnet50', 'iaff_resnet50', 'aff_resnext50', 'iaff_resnext50', 'aff_resnet101', 'iaff_resnet101'):
+        assert timm.models.get_pretrained_cfg(arch).tag.endswith('_upcycled'), arch
+    assert {'aff_resnet50.ra4_e3600_r224_in1k_upcycled', 'iaff_resnet50.gluon_in1k_upcycled'} <= names
+    assert timm.models.get_pretrained_cfg('aff_resnet50').tag == 'ra4_e3600_r224_in1k_upcycled'
+    for u in weights.UPCYCLED:
+        ours, theirs = timm.models.get_pretrained_cfg(u.name), timm.models.get_pretrained_cfg(u.parent)
+        for k in ('input_size', 'test_input_size', 'crop_pct', 'test_crop_pct', 'interpolation', 'mean', 'std',
+                  'pool_size', 'num_classes', 'license'):
+            assert getattr(ours, k) == getattr(theirs, k), (u.name, k)
+        assert ours.hf_hub_id == theirs.hf_hub_id == u.parent_repo
+        card = upcycled_card(u)
+        assert 'untrained' in card and f'{u.parent_top1:.3f}' in card and u.parent_repo in card
+        assert u.parent_citation in card and u.citation in card and f'license: {theirs.license}' in card
+        # the parent is an exact plain peer: its (random) weights upcycle without a key or shape error
+    with pytest.raises(RuntimeError, match=r'No weights exist for iaff_resnext101: timm has no ResNeXt-101.*'
+                                           r'aff_resnext50\.bt_in1k_upcycled'):
+        timm.create_model('iaff_resnext101', pretrained=True)
+
+
+def test_init_from_in_train_and_finetune_start_upcycled(tmp_path):
+    """``aff-zoo train --init-from``: the run starts from the upcycled parent (its first evaluation would equal
+    the parent's); a bad parent is a one-line error."""
+    import argparse
+    from aff_zoo.training import train as ztrain
+    parser = argparse.ArgumentParser()
+    ztrain.register_cli(parser.add_subparsers())
+    args = parser.parse_args(['train', '--model', 'aff_resnet8', '--data', str(tmp_path / 'none'), '--output',
+                              str(tmp_path / 'run'), '--init-from', 'add_resnet20.cifar10_e12'])
+    assert args.init_from == 'add_resnet20.cifar10_e12'
+    assert '--init-from add_resnet20.cifar10_e12' in ztrain.recipe_command(args)

@@ -217,7 +217,6 @@ def _verify_parent(path, record, source: str, reported: Optional[str] = None, co
 def _hub_file_info(record) -> Tuple[str, Optional[str]]:
     """``(commit, digest the Hub reports for the file)`` for the record's revision (``main`` if unpinned)."""
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
     from .pretrained import WeightsUnavailableError, _how_to_fix
     api = HfApi()
     revision = record.revision or 'main'
@@ -225,7 +224,7 @@ def _hub_file_info(record) -> Tuple[str, Optional[str]]:
     try:
         commit = revision if record.revision else api.model_info(record.parent_repo, revision=revision).sha
         infos = api.get_paths_info(record.parent_repo, [record.filename], revision=commit)
-    except (RepositoryNotFoundError, RevisionNotFoundError, HfHubHTTPError) as e:
+    except Exception as e:  # not found, unknown revision, HTTP or connection error: one clear message
         detail = str(e).splitlines()[0]
         raise WeightsUnavailableError(
             f'{record.name}: the parent\'s {where} is not available ({type(e).__name__}: {detail}). '
@@ -258,7 +257,8 @@ def parent_file(record) -> str:
             f'{record.name}: the Hub cannot be reached for the parent {record.parent_repo}/{record.filename} ({e}); '
             f'it is not in the cache {constants.HF_HUB_CACHE}. ' + _how_to_fix(record.name)) from None
     commit, digest = _hub_file_info(record)
-    path = hub_download(record.parent_repo, record.filename, record.name, commit)
+    # unpinned: by branch name, so the cache records refs/main and the next load (offline too) finds it
+    path = hub_download(record.parent_repo, record.filename, record.name, commit if record.revision else revision)
     return _verify_parent(path, record, f'the Hub at {constants.ENDPOINT}', reported=digest, commit=commit)
 
 
