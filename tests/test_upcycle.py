@@ -69,14 +69,15 @@ def test_training_gets_past_the_zero_start():
     other fusion tensors having exactly zero gradient then, nothing else in the fusions); step 2 moves all."""
     torch.manual_seed(0)
     parent = _randomize(timm.create_model('add_resnet20'))
-    model = upcycle('iaff_resnet20', parent).train()
+    # float64: at step 2 some updates (~1e-9, scaled by the tiny just-moved last layers) are below a float32 ulp of 1.0
+    model = upcycle('iaff_resnet20', parent).train().double()
     fusion = {n: p for n, p in model.named_parameters() if '.fusion.' in n}
     zeroed = {n for n in fusion if n.endswith(('local_att.bn2.weight', 'local_att.bn2.bias',
-                                               'global_att.conv2.weight', 'global_att.conv2.bias'))}
+                                               'global_att.conv2.weight', 'global_att.conv2.bias')) and '.att2.' in n}
     assert zeroed and all(fusion[n].abs().max() == 0 for n in zeroed)
-    assert len(zeroed) == 4 * 2 * 9  # 2 MS-CAMs per iAFF, 9 blocks
+    assert len(zeroed) == 4 * 9  # the outer MS-CAM (att2) of each of the 9 iAFFs decides the output
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    x, y = torch.randn(8, 3, 32, 32, dtype=torch.float64), torch.randint(0, 10, (8,))
     start = {n: p.detach().clone() for n, p in fusion.items()}
 
     def step():

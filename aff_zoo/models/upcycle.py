@@ -2,7 +2,8 @@
 
 Every plain tensor of the AFF model (stem, convolutions, BatchNorms, shortcuts, head) is copied from the
 parent, with names and shapes checked. Every fusion starts with zero attention logits (the local branch's
-last BN gamma and beta, the global branch's last conv weight and bias), so its attention is
+last BN gamma and beta, the global branch's last conv weight and bias; for iAFF those of the outer MS-CAM,
+which decides the output), so its attention is
 ``sigmoid(0) = 0.5`` and, with the default ``scale=2``, the fusion is exactly the addition it replaces:
 the model's output equals the parent's. Training then moves the zeroed tensors first (their gradients
 are not zero) and every other fusion tensor from the second step on: the zero-init-last-layer trick of
@@ -16,7 +17,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from ..layers.fusion import MSCAM, SEFusion, _TwoWaySoftmax
+from ..layers.fusion import MSCAM, SEFusion, _TwoWaySoftmax, iAFF
 
 __all__ = ['upcycle', 'plain_keys', 'zero_fusion_logits', 'UpcycleError', 'parent_file', 'build_upcycled']
 
@@ -55,7 +56,10 @@ def zero_fusion_logits(model: nn.Module) -> int:
             raise UpcycleError(
                 f'{name}: fusion_scale={scale:g} makes a zero-logit fusion {scale / 2:g} * (x + y), not x + y; '
                 'upcycle with the default fusion_scale=2.')
-        for m in fusion.modules():
+        # iAFF: only the outer MS-CAM. Its zero logits make the output x + y whatever the inner AFF gives, and
+        # an inner MS-CAM left at its initialisation gets gradients from step 2 on; zeroing it too would block
+        # its own inner layers until step 3 (the outer attention's zero last layers stop every gradient at step 1).
+        for m in (fusion.att2.modules() if isinstance(fusion, iAFF) else fusion.modules()):
             if isinstance(m, MSCAM):
                 if m.local_att is not None:
                     m.local_att.bn2.weight.zero_()
