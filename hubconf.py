@@ -1,5 +1,6 @@
 """torch.hub entrypoints, generated from the zoo: one per registered model (``aff_resnext50``) and one per
-published weight file (``aff_resnet20.cifar10_e12``, from ``aff_zoo/weights.py``).
+published weight file (``aff_resnet20.cifar10_e12``) and upcycled weight (``aff_resnet50.ra4_e3600_r224_in1k_upcycled``),
+from ``aff_zoo/models/weights.py``.
 
     model = torch.hub.load('aff-zoo/aff_zoo', 'aff_resnet20.cifar10_e12', pretrained=True, device='cuda')
 
@@ -31,6 +32,9 @@ def _entrypoints() -> dict:
     for w in _weights.WEIGHTS:
         eps[w.name] = _entrypoint(w.name, f'{w.arch} trained on {w.dataset_id}: top-1 {w.top1}% '
                                           f'(Hub repo {w.hf_hub_id}, sha256 {w.sha256[:12]}).')
+    for u in _weights.UPCYCLED:
+        eps[u.name] = _entrypoint(u.name, f'{u.arch} upcycled from {u.parent} ({u.dataset_id} top-1 {u.parent_top1}% '
+                                          f'is the parent\'s; the AFF modules are untrained, output = the parent\'s).')
     return eps
 
 

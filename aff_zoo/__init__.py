@@ -5,6 +5,7 @@
 from .layers.fusion import AFF, FUSIONS, MSCAM, AddFusion, LocalFusion, SEFusion, SKFusion, create_fusion, iAFF
 from .layers.fpn import AFFFPN
 from .models import AFFResNet, CifarNet, list_models
+from .models.upcycle import upcycle
 from .models.weights import WEIGHTS, Weights, available_tags
 
 __version__ = '0.1.0'

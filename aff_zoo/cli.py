@@ -36,6 +36,8 @@ COMMANDS: Dict[str, Command] = {
     'cards': Command('aff_zoo.publish.commands',
                      'regenerate model cards, hub/*/README.md and the generated tables of README.md and docs/'),
     'runs-table': Command('aff_zoo.publish.report', 'markdown table (ablation or checkpoints) from run directories'),
+    'pin-parents': Command('aff_zoo.publish.pin',
+                           "pin the upcycled weights' timm parents (Hub commit + sha256) in models/weights.py"),
 }
 
 DEFAULT_MODEL = 'aff_resnext50'

@@ -30,7 +30,8 @@ def test_every_model_and_weight_has_an_entrypoint():
     entries = _entrypoints()
     assert set(aff_zoo.list_models()) <= entries
     assert {w.name for w in WEIGHTS} <= entries
-    assert entries == set(aff_zoo.list_models()) | {w.name for w in WEIGHTS}
+    upcycled = {u.name for u in aff_zoo.models.weights.UPCYCLED}
+    assert entries == set(aff_zoo.list_models()) | {w.name for w in WEIGHTS} | upcycled
 
 
 def test_load_imagenet_model_from_local_repo():

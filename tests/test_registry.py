@@ -36,7 +36,7 @@ def test_records_are_complete_and_unique():
 
 def _check_timm_cfgs(records):
     aff_pretrained = {m for m in timm.list_models(pretrained=True) if m.split('.')[0] in aff_zoo.list_models()}
-    assert aff_pretrained == {w.name for w in records}
+    assert aff_pretrained == {w.name for w in records} | {u.name for u in weights.UPCYCLED}
     for w in records:
         cfg = timm.models.get_pretrained_cfg(w.name)
         assert cfg.hf_hub_id == w.hf_hub_id and cfg.num_classes == w.num_classes
@@ -59,7 +59,8 @@ def test_hub_folders_and_cards_match_registry():
     hub_dirs = {p.name for p in (ROOT / 'hub').iterdir() if p.is_dir()} if (ROOT / 'hub').is_dir() else set()
     card_files = {p.stem for p in (ROOT / 'model_cards').glob('*.md')} if (ROOT / 'model_cards').is_dir() else set()
     assert hub_dirs == names, 'every registered weight has exactly one hub/<name>/ folder'
-    assert card_files == names, 'every registered weight has exactly one model_cards/<name>.md'
+    assert card_files == names | {u.name for u in weights.UPCYCLED}, \
+        'every registered (or upcycled) weight has exactly one model_cards/<name>.md'
     for w in WEIGHTS:
         validate_folder(ROOT / 'hub' / w.name, w)  # hash, size, config.json, card
 

@@ -65,18 +65,21 @@ def refresh_pretrained_cfgs(archs: Iterable[str]):
 
 
 @contextlib.contextmanager
-def registered_weights(*records: Weights, replace: bool = False) -> Iterator[Tuple[Weights, ...]]:
-    """Temporarily add ``records`` to the registry (or use only them with ``replace=True``), timm's
-    pretrained configs included; restored on exit. For tests and for trying a new record before
-    pasting it into ``WEIGHTS``."""
-    saved = _weights.WEIGHTS
-    archs = {w.arch for w in records} | ({w.arch for w in saved} if replace else set())
-    _weights.WEIGHTS = tuple(records) if replace else saved + tuple(w for w in records if w not in saved)
+def registered_weights(*records, replace: bool = False) -> Iterator[Tuple[Weights, ...]]:
+    """Temporarily add ``records`` (``Weights`` to ``WEIGHTS``, ``Upcycled`` to ``UPCYCLED``) to the registry
+    (or use only them with ``replace=True``), timm's pretrained configs included; restored on exit. For tests
+    and for trying a new record before pasting it into the registry. Yields ``WEIGHTS`` as it is inside."""
+    saved, saved_up = _weights.WEIGHTS, _weights.UPCYCLED
+    own = tuple(w for w in records if isinstance(w, Weights))
+    up = tuple(w for w in records if isinstance(w, _weights.Upcycled))
+    archs = {w.arch for w in records} | ({w.arch for w in saved + saved_up} if replace else set())
+    _weights.WEIGHTS = own if replace else saved + tuple(w for w in own if w not in saved)
+    _weights.UPCYCLED = up if replace else saved_up + tuple(w for w in up if w not in saved_up)
     try:
         refresh_pretrained_cfgs(archs)
         yield _weights.WEIGHTS
     finally:
-        _weights.WEIGHTS = saved
+        _weights.WEIGHTS, _weights.UPCYCLED = saved, saved_up
         refresh_pretrained_cfgs(archs)
 
 
@@ -100,12 +103,23 @@ def build_aff_model(model_cls, variant: str, pretrained: bool, feature_cfg: Opti
     if pretrained:
         from timm.models._builder import resolve_pretrained_cfg
         cfg = resolve_pretrained_cfg(variant, pretrained_cfg, kwargs.get('pretrained_cfg_overlay'))
+        if not _has_weights(cfg) and variant in _weights.NO_PARENT:
+            raise RuntimeError(
+                f'No weights exist for {variant}: {_weights.NO_PARENT[variant]}. Tags with weights: '
+                f'{", ".join(available_tags()) or "none yet"}. Use pretrained=False (and train it), or pass '
+                f'pretrained_cfg_overlay=dict(file="/path/to/model.safetensors").')
         if not _has_weights(cfg):
             raise RuntimeError(
                 f'No trained weights exist for {variant} (yet). '
                 f'Tags with weights: {", ".join(available_tags()) or "none yet"}. '
                 f'Use pretrained=False, pick one of those tags, or pass '
                 f'pretrained_cfg_overlay=dict(file="/path/to/model.safetensors").')
+        upcycled = _weights.find_upcycled(f'{variant}.{cfg.tag}') if cfg.tag and cfg.source != 'hf-hub' else None
+        if upcycled is not None and not cfg.file and cfg.state_dict is None:
+            # a plain parent's file, verified, then upcycled (aff_zoo.models.upcycle)
+            from .upcycle import build_upcycled
+            feature_cfg = dict(dict(feature_cls='getter'), **(feature_cfg or {}))
+            return build_upcycled(model_cls, variant, upcycled, cfg.to_dict(), feature_cfg, kwargs)
         from .pretrained import resolve_pretrained_file
         cfg = cfg.to_dict()
         resolved = resolve_pretrained_file(cfg)  # verified local safetensors file, or None: timm loads

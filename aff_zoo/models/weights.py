@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 __all__ = [
-    'Weights', 'WEIGHTS', 'hub_org', 'get_weights', 'find_weights', 'available_tags', 'pretrained_cfg_entries']
+    'Weights', 'WEIGHTS', 'Upcycled', 'UPCYCLED', 'NO_PARENT', 'hub_org', 'get_weights', 'find_weights',
+    'find_upcycled', 'available_tags', 'pretrained_cfg_entries']
 
 PAPER_CITATION = """@inproceedings{dai21aff,
   title     = {Attentional Feature Fusion},
@@ -192,6 +193,164 @@ WEIGHTS: Tuple[Weights, ...] = (
 )
 
 
+TIMM_CITATION = """@misc{rw2019timm,
+  author       = {Ross Wightman},
+  title        = {PyTorch Image Models},
+  year         = {2019},
+  publisher    = {GitHub},
+  journal      = {GitHub repository},
+  doi          = {10.5281/zenodo.4414861},
+  howpublished = {\\url{https://github.com/huggingface/pytorch-image-models}}
+}"""
+
+RESNET_STRIKES_BACK_CITATION = """@inproceedings{wightman2021resnet,
+  title     = {ResNet strikes back: An improved training procedure in timm},
+  author    = {Wightman, Ross and Touvron, Hugo and Jegou, Herve},
+  booktitle = {NeurIPS 2021 Workshop on ImageNet: Past, Present, and Future},
+  year      = {2021},
+}"""
+
+BAG_OF_TRICKS_CITATION = """@inproceedings{he2019bag,
+  title     = {Bag of Tricks for Image Classification with Convolutional Neural Networks},
+  author    = {He, Tong and Zhang, Zhi and Zhang, Hang and Zhang, Zhongyue and Xie, Junyuan and Li, Mu},
+  booktitle = {IEEE/CVF Conference on Computer Vision and Pattern Recognition (CVPR)},
+  year      = {2019},
+}"""
+
+TIMM_RESULTS = ('timm results/results-imagenet.csv (huggingface/pytorch-image-models, main, as of timm 1.0.31): '
+                'ImageNet-1k validation')
+
+
+@dataclass(frozen=True)
+class Upcycled:
+    """An upcycled weight: a plain timm parent's published ImageNet file, loaded into the AFF / iAFF model
+    whose plain stages compute exactly the parent's (``aff_zoo.upcycle``); every fusion starts as the addition
+    it replaces, so the AFF modules are *untrained* and the output equals the parent's at load time.
+
+    No file of ours: the record names the parent's Hub repo, its pinned ``revision`` (commit) and the sha256
+    of its file. Both are ``None`` until a maintainer with network access runs ``aff-zoo pin-parents``; until
+    then the loader checks the file against the digest the Hub reports for it and warns that it is not pinned.
+    """
+    arch: str                    # e.g. 'aff_resnet50'
+    tag: str                     # e.g. 'ra4_e3600_r224_in1k_upcycled'
+    parent: str                  # timm name of the parent weights, e.g. 'resnet50d.ra4_e3600_r224_in1k'
+    parent_top1: float           # the parent's ImageNet-1k top-1 / top-5 (%) from timm's results table
+    parent_top5: float
+    parent_eval: str             # how those figures were measured (size, crop, interpolation)
+    revision: Optional[str] = None   # the parent repo's commit, pinned by `aff-zoo pin-parents`
+    sha256: Optional[str] = None     # of the parent's ``filename`` at ``revision``
+    size: Optional[int] = None       # bytes
+    filename: str = 'model.safetensors'
+    num_classes: int = 1000
+    dataset: str = 'ImageNet-1k'
+    dataset_id: str = 'imagenet-1k'
+    input_size: Tuple[int, int, int] = (3, 224, 224)
+    test_input_size: Optional[Tuple[int, int, int]] = None
+    pool_size: Tuple[int, int] = (7, 7)
+    mean: Tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: Tuple[float, ...] = (0.229, 0.224, 0.225)
+    interpolation: str = 'bicubic'
+    crop_pct: float = 0.875
+    test_crop_pct: Optional[float] = None
+    license: str = 'apache-2.0'  # the parent's licence (the upcycled model is the parent's weights)
+    parent_citation: str = TIMM_CITATION
+    citation: str = PAPER_CITATION
+    results_source: str = TIMM_RESULTS
+    parent_repo_override: Optional[str] = None  # tests: a stand-in repo instead of ``timm/<parent>``
+    notes: str = ''
+
+    @property
+    def name(self) -> str:
+        return f'{self.arch}.{self.tag}'
+
+    @property
+    def parent_repo(self) -> str:
+        """The parent's Hub repo (timm publishes every weight as ``timm/<model>.<tag>``)."""
+        return self.parent_repo_override or f'timm/{self.parent}'
+
+    @property
+    def hf_hub_id(self) -> str:
+        """Where the file comes from: the parent's repo (there is no repo of ours for an upcycled weight)."""
+        return self.parent_repo
+
+    @property
+    def pinned(self) -> bool:
+        return bool(self.revision and self.sha256)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> 'Upcycled':
+        tuples = ('input_size', 'test_input_size', 'pool_size', 'mean', 'std')
+        return cls(**{k: tuple(v) if k in tuples and v is not None else v for k, v in d.items()})
+
+    def pretrained_cfg(self) -> Dict[str, Any]:
+        """The fields of timm's PretrainedCfg this record decides (the parent's preprocessing)."""
+        return dict(
+            hf_hub_id=self.hf_hub_id, num_classes=self.num_classes, input_size=self.input_size,
+            pool_size=self.pool_size, mean=self.mean, std=self.std, interpolation=self.interpolation,
+            crop_pct=self.crop_pct, license=self.license, paper_ids='arXiv:2009.14082', tag=self.tag,
+            architecture=self.arch, origin_url=f'https://huggingface.co/{self.parent_repo}',
+            description=f'{self.arch} upcycled from {self.parent}: AFF modules untrained, output = the parent\'s',
+            **({'test_input_size': self.test_input_size} if self.test_input_size else {}),
+            **({'test_crop_pct': self.test_crop_pct} if self.test_crop_pct else {}),
+        )
+
+
+# The parents' Hub commit, sha256 and size of their model.safetensors: written by `aff-zoo pin-parents` (a maintainer
+# with network access; this registry was written on a machine without), never by hand.
+# pins:start
+PARENT_PINS: Dict[str, Tuple[str, str, int]] = {
+}
+# pins:end
+
+
+def _upcycled(archs, tag, parent, top1, top5, evaluation, notes='', **kw):
+    revision, sha256, size = PARENT_PINS.get(parent, (None, None, None))
+    return tuple(Upcycled(arch=a, tag=tag, parent=parent, parent_top1=top1, parent_top5=top5, parent_eval=evaluation,
+                          notes=notes, revision=revision, sha256=sha256,
+                          size=size, **kw) for a in archs)
+
+
+# ImageNet figures: timm's results-imagenet.csv (see /work notes timm-parents.md). First record of an arch = default.
+UPCYCLED: Tuple[Upcycled, ...] = (
+    *_upcycled(('aff_resnet50', 'iaff_resnet50'), 'ra4_e3600_r224_in1k_upcycled', 'resnet50d.ra4_e3600_r224_in1k',
+               80.956, 95.380, '224 px, crop 0.95, bicubic (288 px test size: 81.840)',
+               input_size=(3, 224, 224), test_input_size=(3, 288, 288), crop_pct=0.95, test_crop_pct=1.0,
+               mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), parent_citation=RESNET_STRIKES_BACK_CITATION + '\n\n' +
+               TIMM_CITATION, notes='Parent: timm\'s best ResNet-50-D (ResNet-strikes-back style recipe, 3600 '
+                                    'epochs).'),
+    *_upcycled(('aff_resnet50', 'iaff_resnet50'), 'gluon_in1k_upcycled', 'resnet50d.gluon_in1k',
+               79.080, 94.458, '224 px, crop 0.875, bicubic', parent_citation=BAG_OF_TRICKS_CITATION + '\n\n' +
+               TIMM_CITATION, notes='Parent: GluonCV ResNet50_v1d, the network the authors\' ImageNet AFF models '
+                                    'were built on.'),
+    *_upcycled(('aff_resnext50', 'iaff_resnext50'), 'bt_in1k_upcycled', 'resnext50d_32x4d.bt_in1k',
+               79.672, 94.878, '224 px, crop 0.875, bicubic (288 px test size: 80.676)',
+               test_input_size=(3, 288, 288), test_crop_pct=0.95,
+               notes='Parent: the only ResNeXt-50-32x4d with the D stem in timm.'),
+    *_upcycled(('aff_resnet101', 'iaff_resnet101'), 'ra2_in1k_upcycled', 'resnet101d.ra2_in1k',
+               82.254, 96.070, '256 px, crop 0.95, bicubic (320 px test size: 83.020)',
+               input_size=(3, 256, 256), test_input_size=(3, 320, 320), pool_size=(8, 8), crop_pct=0.95,
+               test_crop_pct=1.0),
+)
+
+# Architectures without an exact plain parent in timm: the reason, for the error message.
+NO_PARENT: Dict[str, str] = {
+    arch: ('timm has no ResNeXt-101-32x4d with the D stem (deep 3x3 stem, average-pool shortcut) that this model '
+           'shares with its plain peer (resnext101_32x4d.* have the 7x7 stem), so no upcycled ImageNet weights exist')
+    for arch in ('aff_resnext101', 'iaff_resnext101')
+}
+
+
+def find_upcycled(name: str) -> Optional[Upcycled]:
+    """The upcycled record named ``arch.tag`` (or an arch's default), else ``None``."""
+    for u in UPCYCLED:
+        if u.name == name:
+            return u
+    return None
+
+
 def get_weights(name: str) -> Weights:
     """The record for ``arch.tag`` (or an arch's default, its first tag); a clear error otherwise."""
     for w in WEIGHTS:
@@ -213,10 +372,10 @@ def find_weights(hf_hub_id: Optional[str] = None, name: Optional[str] = None) ->
 
 
 def available_tags(arch: Optional[str] = None) -> List[str]:
-    """``arch.tag`` names that have weights, for one architecture or for the whole zoo."""
-    return [w.name for w in WEIGHTS if arch is None or w.arch == arch]
+    """``arch.tag`` names that have weights (trained or upcycled), for one architecture or for the whole zoo."""
+    return [w.name for w in WEIGHTS + UPCYCLED if arch is None or w.arch == arch]
 
 
 def pretrained_cfg_entries(arch: str) -> List[Tuple[str, Dict[str, Any]]]:
-    """``(arch.tag, cfg overrides)`` for timm's ``default_cfgs``, first tag = default."""
-    return [(w.name, w.pretrained_cfg()) for w in WEIGHTS if w.arch == arch]
+    """``(arch.tag, cfg overrides)`` for timm's ``default_cfgs``, first tag = default (trained files first)."""
+    return [(w.name, w.pretrained_cfg()) for w in WEIGHTS + UPCYCLED if w.arch == arch]

@@ -5,7 +5,7 @@ the README table with the other generated sections; ``tests/test_registry.py`` f
 from pathlib import Path
 from typing import List, Sequence
 
-from ..models.weights import CODE_REPO, Weights
+from ..models.weights import CODE_REPO, Upcycled, Weights
 from ..utils import replace_section, write_changed
 
 
@@ -128,16 +128,106 @@ training run recorded here (its command, code commit and device), not from the p
 """
 
 
+def upcycled_card(u: Upcycled) -> str:
+    """The model card of an upcycled record: what the weights are (the parent's, AFF untrained), nothing more."""
+    fusion = u.arch.split('_', 1)[0]
+    c, h, w_ = u.input_size
+    pin = (f'revision `{u.revision}`, file `{u.filename}` sha256 `{u.sha256}` ({u.size} bytes), checked before every '
+           f'load' if u.revision else
+           f'not pinned yet (the file is checked against the digest the Hub reports for it; `aff-zoo pin-parents` '
+           f'pins the revision and sha256)')
+    test = (f'; test size {u.test_input_size[1]}x{u.test_input_size[2]}, crop {u.test_crop_pct}'
+            if u.test_input_size else '')
+    return f"""---
+library_name: timm
+license: {u.license}
+pipeline_tag: image-classification
+tags:
+- image-classification
+- timm
+- aff_zoo
+- attentional-feature-fusion
+- upcycled
+datasets:
+- {u.dataset_id}
+base_model: {u.parent_repo}
+---
+
+# {u.name}
+
+`{u.arch}` with {_FUSION_TEXT.get(fusion, fusion)}, from the [aff_zoo](https://github.com/{CODE_REPO}) model
+zoo, **upcycled** from timm's plain `{u.parent}` ([{u.parent_repo}](https://huggingface.co/{u.parent_repo})).
+
+**What these weights are.** Every plain tensor (stem, convolutions, BatchNorms, shortcuts, classifier) is the
+parent's ImageNet-1k weight. The AFF modules are **untrained**: each starts with zero attention logits, so it
+computes exactly the addition it replaces, and the model's output equals the parent's at load time (tested to a
+relative difference of 1e-5). The attention learns only when you fine-tune. {u.notes}
+
+**Accuracy.** No AFF ImageNet accuracy is claimed. At load time the model's ImageNet-1k accuracy is the
+parent's: top-1 {u.parent_top1:.3f} %, top-5 {u.parent_top5:.3f} % ({u.parent_eval}), from {u.results_source}.
+The parent file: Hub repo `{u.parent_repo}`, {pin}.
+
+## How to use
+
+```python
+import aff_zoo, timm
+model = timm.create_model('{u.name}', pretrained=True).eval()  # downloads the parent's file, then upcycles
+cfg = timm.data.resolve_data_config({{}}, model=model)  # the parent's: {h}x{w_}, crop {u.crop_pct}, {u.interpolation}
+transform = timm.data.create_transform(**cfg)
+```
+
+With torch.hub: `torch.hub.load('{CODE_REPO}', '{u.name}', pretrained=True, device='cuda')`. Or upcycle any
+plain peer yourself: `aff_zoo.upcycle('{u.arch}', timm.create_model('{u.parent}', pretrained=True))`.
+
+Preprocessing (the parent's): input {c}x{h}x{w_}, resize with {u.interpolation} interpolation, crop_pct
+{u.crop_pct}{test}, mean {u.mean}, std {u.std}.
+
+## Fine-tuning
+
+```python
+model = timm.create_model('{u.name}', pretrained=True, num_classes=N)  # new head, warning names the skipped keys
+```
+
+or `aff-zoo finetune --model {u.name} --pretrained --data my_images/ ...` (see docs/upcycling.md).
+
+## Licence and citation
+
+The weights are the parent's, under its licence: {u.license}. Cite the parent's weights and timm, and the
+AFF paper for the architecture:
+
+```bibtex
+{u.parent_citation}
+```
+
+```bibtex
+{u.citation}
+```
+"""
+
+
+def upcycled_table(records: Sequence[Upcycled]) -> str:
+    """Markdown table of the upcycled weights (the README's weights section, after the trained files)."""
+    head = ('| weights (upcycled: AFF modules untrained, output = the parent\'s) | parent (timm) | parent top-1 / top-5 '
+            '(%, ImageNet-1k, timm results table) | evaluated at | parent pinned |\n|---|---|---|---|---|\n')
+    return head + ''.join(
+        f'| `{u.name}` | [{u.parent}](https://huggingface.co/{u.parent_repo}) | {u.parent_top1:.3f} / '
+        f'{u.parent_top5:.3f} | {u.parent_eval} | {("`" + u.revision[:10] + "`") if u.revision else "not yet"} |\n'
+        for u in records)
+
+
 def weights_table(records: Sequence[Weights]) -> str:
     """Markdown table of every registered weight file (the README's "Pretrained weights" table)."""
+    upcycled = [r for r in records if isinstance(r, Upcycled)]
+    records = [r for r in records if not isinstance(r, Upcycled)]
+    tail = '\n' + upcycled_table(upcycled) if upcycled else ''
     head = ('| weights | top-1 (%) | top-5 (%) | epochs | dataset | Hub repo | size (MB) | sha256 |\n'
             '|---|---|---|---|---|---|---|---|\n')
     if not records:
-        return head + '| (none published yet) | | | | | | | |\n'
+        return head + '| (none published yet) | | | | | | | |\n' + tail
     return head + ''.join(
         f'| `{w.name}` | {_fmt(w.top1)} | {_fmt(w.top5)} | {_fmt(w.metrics.get("epochs"))} | {w.dataset_id} '
         f'| [{w.hf_hub_id}](https://huggingface.co/{w.hf_hub_id}) | {w.size / 1e6:.2f} | `{w.sha256[:12]}` |\n'
-        for w in records)
+        for w in records) + tail
 
 
 def expected_files(root, records: Sequence[Weights]) -> dict:
@@ -146,6 +236,9 @@ def expected_files(root, records: Sequence[Weights]) -> dict:
     root = Path(root)
     out = {}
     for w in records:
+        if isinstance(w, Upcycled):  # no file or Hub repo of ours: the card only
+            out[root / 'model_cards' / f'{w.name}.md'] = upcycled_card(w)
+            continue
         card = model_card(w, has_curves=(root / 'hub' / w.name / 'training_curves.png').is_file())
         out[root / 'model_cards' / f'{w.name}.md'] = card
         out[root / 'hub' / w.name / 'README.md'] = card
@@ -157,4 +250,4 @@ def write_cards(root, check: bool = False) -> List[Path]:
     """Rewrite the cards and the README weights table where they differ from the registry (``check``: only
     list them)."""
     from ..models import weights
-    return write_changed(expected_files(root, weights.WEIGHTS), check)
+    return write_changed(expected_files(root, weights.WEIGHTS + weights.UPCYCLED), check)

@@ -27,7 +27,7 @@ def _models_short() -> str:
 def _weights_table() -> str:
     from ..models import weights
     from .cards import weights_table
-    return weights_table(weights.WEIGHTS)
+    return weights_table(weights.WEIGHTS + weights.UPCYCLED)
 
 
 class Section(NamedTuple):

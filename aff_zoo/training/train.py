@@ -663,7 +663,16 @@ def _cmd_train(args) -> int:
                                        [:args.train_subset].sort().values.numpy())
         cfg = config_from_args(args)
         seed_everything(cfg.seed)
-        model = timm.create_model(args.model, num_classes=len(data.classes), drop_path_rate=args.drop_path)
+        if args.init_from:  # a trained plain peer's weights, fusions starting as addition
+            from ..models.upcycle import UpcycleError, upcycle
+            try:
+                model = upcycle(args.model, args.init_from, num_classes=len(data.classes),
+                                drop_path_rate=args.drop_path)
+            except UpcycleError as e:
+                print(f'error: --init-from: {e}', file=sys.stderr)
+                return 2
+        else:
+            model = timm.create_model(args.model, num_classes=len(data.classes), drop_path_rate=args.drop_path)
         device = None  # auto: this rank's GPU where CUDA is available, else the CPU
         if args.device == 'cuda' and not torch.cuda.is_available():
             print(f'error: --device cuda, but CUDA is not available here (torch {torch.__version__}); '
@@ -677,7 +686,8 @@ def _cmd_train(args) -> int:
                                                data_reason=choice.reason, img_size=args.img_size),
                             resume_override=_overrides(args.resume_override),
                             run_info=dict(train_subset=args.train_subset, drop_path=args.drop_path,
-                                          data_path=choice.path, img_size=args.img_size))
+                                          data_path=choice.path, img_size=args.img_size,
+                                          init_from=args.init_from))
         except (ValueError, TrainingDiverged) as e:  # RunError and the loop's other clear errors
             print(f'error: {e}', file=sys.stderr)
             return 2
@@ -723,6 +733,9 @@ def register_cli(subparsers):
     p.add_argument('--train-subset', type=int, default=_Default(0),
                    help='train on a fixed random subset of N images (0=all)')
     p.add_argument('--drop-path', type=float, default=_Default(0.0), help='stochastic depth rate')
+    p.add_argument('--init-from', default=None,
+                   help='start from a trained plain peer, upcycled (aff_zoo.upcycle): a timm name such as '
+                        'resnet50d.a1_in1k, a zoo tag such as add_resnet20.cifar10_e12, or local-dir:<folder>')
     add_config_args(p)
     p.set_defaults(func=lambda a: _cmd_train(a))
     return p
