@@ -8,7 +8,7 @@ from typing import List, Optional
 # Modules that define ``register_cli(subparsers)``; each adds its own subcommand(s).
 _COMMAND_MODULES: List[str] = [
     'aff_zoo.training.train', 'aff_zoo.training.evaluate', 'aff_zoo.training.finetune', 'aff_zoo.publish.report',
-    'aff_zoo.publish.commands', 'aff_zoo.deploy.benchmark', 'aff_zoo.deploy.export']
+    'aff_zoo.publish.commands', 'aff_zoo.deploy.benchmark', 'aff_zoo.deploy.export', 'aff_zoo.deploy.quantize']
 
 DEFAULT_MODEL = 'aff_resnext50'
 
