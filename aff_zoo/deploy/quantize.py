@@ -93,8 +93,18 @@ def quantize_int8(model: nn.Module, calibration: Iterable[torch.Tensor], example
 
 def compile_model(model: Callable) -> Callable:
     """Inductor with freezing (weights become constants: folded quantisation, prepacked oneDNN weights), the
-    x86 int8 recipe; used for the fp32 baseline too, so that the two compiled models differ only in precision."""
-    return torch.compile(model, options={'freezing': True})
+    x86 int8 recipe; used for the fp32 baseline too, so that the two compiled models differ only in precision.
+
+    Freezing is switched on around each call (compilation happens lazily, at the first call of each shape) rather
+    than through ``torch.compile(options=...)``, with which the int8 graph failed to compile here
+    (``UnsupportedOperatorException: onednn.qconv_prepack``)."""
+    import torch._inductor.config as inductor_config
+    compiled = torch.compile(model)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with inductor_config.patch(freezing=True):
+            return compiled(x)
+    return run
 
 
 def _normalized(images: np.ndarray, mean, std) -> torch.Tensor:
