@@ -10,7 +10,7 @@ import sys
 from typing import Dict, List, NamedTuple, Optional
 
 DESCRIPTION = """The Attentional Feature Fusion model zoo (Dai et al., WACV 2021) from the command line:
-list the models, classify images, train, evaluate, fine-tune, export to ONNX/TorchScript, benchmark,
+list the models, classify images, train, evaluate, fine-tune, export (ONNX, TorchScript, .pt2), quantise, benchmark,
 and write Hub checkpoint folders and model cards."""
 EPILOG = """`aff-zoo COMMAND --help` shows a command's options. Documentation: README.md and docs/*.md of
 https://github.com/aff-zoo/aff_zoo."""
@@ -28,7 +28,10 @@ COMMANDS: Dict[str, Command] = {
     'evaluate': Command('aff_zoo.training.evaluate', 'accuracy, per-class accuracy, confusion matrix and throughput'),
     'finetune': Command('aff_zoo.training.finetune',
                         'fine-tune a model on your ImageFolder; writes a Hub-layout checkpoint folder'),
-    'convert': Command('aff_zoo.deploy.export', 'export models to ONNX / TorchScript, checked against the eager model'),
+    'convert': Command('aff_zoo.deploy.export',
+                       'export models to ONNX / TorchScript / torch.export (.pt2), checked against the eager model'),
+    'quantize': Command('aff_zoo.deploy.quantize',
+                        'int8 post-training quantisation (PT2E, x86 Inductor): accuracy and speed against fp32'),
     'benchmark': Command('aff_zoo.deploy.benchmark', 'speed: our models vs timm peers, our AFF vs the port'),
     'export': Command('aff_zoo.publish.commands',
                       'training run dir -> Hub folder (safetensors, config, card) + registry record'),

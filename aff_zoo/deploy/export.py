@@ -1,7 +1,8 @@
-"""Deployment formats: TorchScript (``torch.jit.script``) and ONNX with a dynamic batch size, each checked
-against the eager model on the same input (onnxruntime for ONNX) before it is reported as written.
+"""Deployment formats: TorchScript (``torch.jit.script``), ONNX and a ``torch.export`` program (``.pt2``), each
+with a dynamic batch size and checked against the eager model on the same input (onnxruntime for ONNX,
+``torch.export.load`` for ``.pt2``) before it is reported as written.
 
-    aff-zoo convert --model aff_resnet20 --pretrained --format both --output exported/
+    aff-zoo convert --model aff_resnet20 --pretrained --format all --output exported/
 
 Files are written atomically (temporary file, then ``os.replace``), so an interrupted export never
 leaves a half-written model behind.
@@ -20,10 +21,12 @@ import torch.nn as nn
 from ..utils import atomic_write
 
 __all__ = [
-    'ExportResult', 'export_torchscript', 'export_onnx', 'check_torchscript', 'check_onnx', 'convert',
-    'register_cli']
+    'ExportResult', 'export_torchscript', 'export_onnx', 'export_program', 'save_exported', 'check_torchscript',
+    'check_onnx', 'check_exported', 'convert', 'register_cli']
 
-FORMATS = ('onnx', 'torchscript')
+FORMATS = ('onnx', 'torchscript', 'exported')
+SUFFIXES = {'onnx': '.onnx', 'torchscript': '.torchscript.pt', 'exported': '.pt2'}
+MAX_BATCH = 4096
 ONNX_INPUT, ONNX_OUTPUT = 'input', 'logits'
 
 
@@ -67,6 +70,29 @@ def export_torchscript(model: nn.Module, path) -> Path:
     return path
 
 
+def batch_dynamic_shapes():
+    """``dynamic_shapes`` for ``model(x)`` with a dynamic batch dimension (spatial size and channels fixed)."""
+    return ({0: torch.export.Dim('batch', min=1, max=MAX_BATCH)},)
+
+
+def export_program(model: nn.Module, x: torch.Tensor, strict: bool = False) -> 'torch.export.ExportedProgram':
+    """``torch.export.export`` of the eval-mode model at ``x``'s shape with a dynamic batch dimension.
+
+    ``strict=False`` (export's own default since 2.7) traces with Python itself instead of TorchDynamo: about
+    as exact here and faster; the programs are the same ATen graph either way."""
+    return torch.export.export(model.eval(), (x,), dynamic_shapes=batch_dynamic_shapes(), strict=strict)
+
+
+def save_exported(model: nn.Module, path, input_size: Optional[Sequence[int]] = None) -> Path:
+    """Export (``export_program``) and ``torch.export.save`` to ``path`` (a ``.pt2`` file; ``torch.export.load``
+    reads it back, and AOTInductor and ExecuTorch start from it)."""
+    path = Path(path)
+    program = export_program(model, _example_input(model, input_size))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(str(path), lambda tmp: torch.export.save(program, tmp))
+    return path
+
+
 def export_onnx(
         model: nn.Module,
         path,
@@ -86,7 +112,7 @@ def export_onnx(
     x = _example_input(model, input_size)
     if exporter == 'dynamo':
         kwargs = dict(dynamo=True, external_data=False,
-                      dynamic_shapes=({0: torch.export.Dim('batch', min=1, max=4096)},))
+                      dynamic_shapes=batch_dynamic_shapes())
     else:
         kwargs = dict(dynamo=False, dynamic_axes={ONNX_INPUT: {0: 'batch'}, ONNX_OUTPUT: {0: 'batch'}})
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -137,6 +163,19 @@ def check_onnx(model: nn.Module, path, input_size=None, batch_sizes: Sequence[in
     return diff, scale
 
 
+@torch.no_grad()
+def check_exported(model: nn.Module, path, input_size=None, batch_sizes: Sequence[int] = (1, 3)) -> Tuple[float, float]:
+    """(max |loaded program - eager|, max |eager|) over inputs of each batch size (proves the batch is dynamic)."""
+    loaded = torch.export.load(str(path)).module()
+    diff = scale = 0.0
+    for i, b in enumerate(batch_sizes):
+        x = _example_input(model, input_size, batch=b, seed=i + 1)
+        ref = model.eval()(x)
+        diff = max(diff, (loaded(x) - ref).abs().max().item())
+        scale = max(scale, ref.abs().max().item())
+    return diff, scale
+
+
 def convert(
         model: nn.Module,
         out_dir,
@@ -148,7 +187,7 @@ def convert(
         check: bool = True,
         atol: float = 1e-4,
 ) -> List[ExportResult]:
-    """Write ``out_dir/<name>.onnx`` and/or ``out_dir/<name>.torchscript.pt``; check each against ``model``.
+    """Write ``out_dir/<name>.onnx``, ``<name>.torchscript.pt`` and/or ``<name>.pt2``; check each against ``model``.
 
     Raises ``RuntimeError`` when a written file differs from the eager model by more than ``atol``.
     """
@@ -159,12 +198,15 @@ def convert(
     results = []
     for fmt in formats:
         t = time.perf_counter()
+        path = Path(out_dir) / f'{name}{SUFFIXES[fmt]}'
         if fmt == 'onnx':
-            path = export_onnx(model, Path(out_dir) / f'{name}.onnx', input_size, opset, exporter)
-            diff, scale = check_onnx(model, path, input_size) if check else (float('nan'), float('nan'))
+            export_onnx(model, path, input_size, opset, exporter)
+        elif fmt == 'exported':
+            save_exported(model, path, input_size)
         else:
-            path = export_torchscript(model, Path(out_dir) / f'{name}.torchscript.pt')
-            diff, scale = check_torchscript(model, path, input_size) if check else (float('nan'), float('nan'))
+            export_torchscript(model, path)
+        checker = {'onnx': check_onnx, 'torchscript': check_torchscript, 'exported': check_exported}[fmt]
+        diff, scale = checker(model, path, input_size) if check else (float('nan'), float('nan'))
         results.append(ExportResult(name, fmt, str(path), diff, scale, time.perf_counter() - t))
         if check and not diff <= atol:
             raise RuntimeError(
@@ -204,7 +246,7 @@ def _load(name: str, args) -> nn.Module:
 
 
 def _cmd_convert(args) -> int:
-    formats = FORMATS if args.format == 'both' else (args.format,)
+    formats = {'both': ('onnx', 'torchscript'), 'all': FORMATS}.get(args.format, (args.format,))
     input_size = tuple(args.input_size) if args.input_size else None
     failed = 0
     for name in _models_for(args.model):
@@ -225,11 +267,12 @@ def _cmd_convert(args) -> int:
 
 def register_cli(sub) -> None:
     p = sub.add_parser(
-        'convert', help='export models to ONNX / TorchScript, checked against the eager model',
+        'convert', help='export models to ONNX / TorchScript / torch.export (.pt2), checked against the eager model',
         description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('--model', required=True,
                    help="model name (or wildcard such as 'aff_*', or local-dir:<checkpoint folder>, hf-hub:<repo>)")
-    p.add_argument('--format', choices=(*FORMATS, 'both'), default='both')
+    p.add_argument('--format', choices=(*FORMATS, 'both', 'all'), default='both',
+                   help="'both': onnx and torchscript; 'all': also exported (a torch.export .pt2 program)")
     p.add_argument('--output', default='exported', help='output folder')
     p.add_argument('--pretrained', action='store_true', help='load the registered (or folder) weights')
     p.add_argument('--checkpoint', help='a model.safetensors to load into the model')

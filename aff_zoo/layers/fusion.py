@@ -31,6 +31,7 @@ from typing import Dict, Optional, Type
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import register_notrace_function
 
 __all__ = [
     'MSCAM', 'AFF', 'iAFF', 'AddFusion', 'SEFusion', 'SKFusion', 'LocalFusion',
@@ -45,6 +46,7 @@ def bottleneck_width(channels: int, r: int, min_channels: int = 4) -> int:
     return max(channels // r, min(min_channels, channels))
 
 
+@register_notrace_function  # FX leaf (its branches test dtypes and strides); see torch.fx.wrap below
 def blend(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, scale: float, reuse_w: bool = False) -> torch.Tensor:
     """``scale * (w*x + (1-w)*y)`` as ``lerp(y, x, w) * scale``: one pass and no temporary for ``x - y``
     (``torch.lerp``), then an in-place scale (the lerp's output is not saved for backward).
@@ -94,6 +96,7 @@ class _SigmoidBlend(torch.autograd.Function):
         return dx, dy, dlogits, None
 
 
+@register_notrace_function  # FX leaf (its branches test shapes, dtypes, grad mode); see torch.fx.wrap below
 def sigmoid_blend(x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor, scale: float) -> torch.Tensor:
     """``blend(x, y, sigmoid(logits), scale)``; consumes ``logits`` (overwritten when no gradient is needed)."""
     if torch.jit.is_scripting() or not torch.is_grad_enabled():
@@ -138,6 +141,21 @@ def _spatial_mean(x: torch.Tensor) -> torch.Tensor:
     """N x C x H x W -> N x C mean. As ``sum * (1/HW)``: the backward of a sum is a broadcast view, that of
     ``mean`` a full-size division whose output is NCHW even for channels_last inputs (slow mixed-format adds)."""
     return x.sum((2, 3)) * (1.0 / (x.shape[2] * x.shape[3]))
+
+
+@register_notrace_function  # FX leaf: the check stays in the traced graph; see torch.fx.wrap below
+def check_attention_input(x: torch.Tensor, channels: int) -> None:
+    """A clear error for a wrong-sized input (instead of a convolution shape error deep in the branch)."""
+    if x.dim() != 4 or x.shape[1] != channels:
+        raise ValueError('MSCAM expects an N x ' + str(channels) + ' x H x W tensor, got shape ' + str(list(x.shape)))
+
+
+# FX leaves for every tracer: timm's register_notrace_function reaches only timm's tracer; torch.fx.wrap
+# (by the global name in this module, so it must sit here at top level) reaches symbolic_trace and
+# torchvision's create_feature_extractor too. torch.export and torch.compile trace through these functions.
+torch.fx.wrap('blend')
+torch.fx.wrap('sigmoid_blend')
+torch.fx.wrap('check_attention_input')
 
 
 class _GlobalContext(nn.Module):
@@ -192,8 +210,7 @@ class MSCAM(nn.Module):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """``L(X) + g(X)`` before the sigmoid."""
-        if x.dim() != 4 or x.shape[1] != self.channels:
-            raise ValueError(f'MSCAM expects an N x {self.channels} x H x W tensor, got shape {list(x.shape)}')
+        check_attention_input(x, self.channels)
         if self.local_att is not None and self.global_att is not None:
             # In place: the local branch's last output (BN or, once fused, conv) is not saved for backward.
             return self.local_att(x).add_(self.global_att(x))

@@ -9,6 +9,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Tuple
 import torch
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import register_notrace_function
 from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg
 
 from . import weights as _weights
@@ -148,6 +149,7 @@ def _warn_head_reset(variant: str, path: str, ckpt_classes: int, num_classes: in
         f'Fine-tune before use.', stacklevel=3)
 
 
+@register_notrace_function  # an FX leaf: the check stays in traced graphs (callers add torch.fx.wrap)
 def check_image_batch(x: torch.Tensor, in_chans: int, min_size: int) -> None:
     """One clear error for the two usual input mistakes: wrong channel count, image below the total stride.
 

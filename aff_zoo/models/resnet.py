@@ -21,6 +21,8 @@ from timm.models.resnet import Bottleneck, ResNet
 from ..layers.fusion import AddFusion, create_fusion
 from ._builder import build_aff_model, check_image_batch, imagenet_cfg, make_default_cfgs
 
+torch.fx.wrap('check_image_batch')  # an FX leaf in every tracer (by name in this module; see _builder)
+
 __all__ = ['FusionBottleneck', 'AFFResNet']
 
 
