@@ -130,50 +130,41 @@ def export_onnx(
 
 
 @torch.no_grad()
-def check_torchscript(model: nn.Module, path, input_size=None, batch_sizes: Sequence[int] = (1, 3)) -> Tuple[float, float]:
-    """(max |scripted - eager|, max |eager|) over inputs of each batch size."""
-    with _quiet_jit():
-        loaded = torch.jit.load(str(path), map_location='cpu').eval()
+def _parity(model: nn.Module, run, input_size, batch_sizes: Sequence[int]) -> Tuple[float, float]:
+    """(max |run(x) - eager(x)|, max |eager(x)|) over one input per batch size; a shape change is an error."""
     diff = scale = 0.0
     for i, b in enumerate(batch_sizes):
         x = _example_input(model, input_size, batch=b, seed=i + 1)
         ref = model.eval()(x)
-        diff = max(diff, (loaded(x) - ref).abs().max().item())
-        scale = max(scale, ref.abs().max().item())
-    return diff, scale
-
-
-@torch.no_grad()
-def check_onnx(model: nn.Module, path, input_size=None, batch_sizes: Sequence[int] = (1, 3)) -> Tuple[float, float]:
-    """(max |onnxruntime - eager|, max |eager|) over inputs of each batch size (proves the batch is dynamic)."""
-    try:
-        import onnxruntime as ort
-    except ImportError as e:
-        raise ImportError('The ONNX check needs onnxruntime: pip install onnxruntime (or pass --no-check).') from e
-    sess = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
-    diff = scale = 0.0
-    for i, b in enumerate(batch_sizes):
-        x = _example_input(model, input_size, batch=b, seed=i + 1)
-        ref = model.eval()(x)
-        out = torch.from_numpy(sess.run([ONNX_OUTPUT], {ONNX_INPUT: x.numpy()})[0])
+        out = run(x)
         if out.shape != ref.shape:
-            raise RuntimeError(f'ONNX output shape {tuple(out.shape)} differs from eager {tuple(ref.shape)}')
+            raise RuntimeError(f'exported output shape {tuple(out.shape)} differs from eager {tuple(ref.shape)}')
         diff = max(diff, (out - ref).abs().max().item())
         scale = max(scale, ref.abs().max().item())
     return diff, scale
 
 
-@torch.no_grad()
+def check_torchscript(model: nn.Module, path, input_size=None, batch_sizes: Sequence[int] = (1, 3)) -> Tuple[float, float]:
+    """(max |scripted - eager|, max |eager|) over inputs of each batch size."""
+    with _quiet_jit():
+        loaded = torch.jit.load(str(path), map_location='cpu').eval()
+    return _parity(model, loaded, input_size, batch_sizes)
+
+
+def check_onnx(model: nn.Module, path, input_size=None, batch_sizes: Sequence[int] = (1, 3)) -> Tuple[float, float]:
+    """(max |onnxruntime - eager|, max |eager|) over inputs of each batch size (proves the batch is dynamic)."""
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise RuntimeError('The ONNX check needs onnxruntime: pip install onnxruntime (or pass --no-check).') from e
+    sess = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
+    return _parity(model, lambda x: torch.from_numpy(sess.run([ONNX_OUTPUT], {ONNX_INPUT: x.numpy()})[0]),
+                   input_size, batch_sizes)
+
+
 def check_exported(model: nn.Module, path, input_size=None, batch_sizes: Sequence[int] = (1, 3)) -> Tuple[float, float]:
     """(max |loaded program - eager|, max |eager|) over inputs of each batch size (proves the batch is dynamic)."""
-    loaded = torch.export.load(str(path)).module()
-    diff = scale = 0.0
-    for i, b in enumerate(batch_sizes):
-        x = _example_input(model, input_size, batch=b, seed=i + 1)
-        ref = model.eval()(x)
-        diff = max(diff, (loaded(x) - ref).abs().max().item())
-        scale = max(scale, ref.abs().max().item())
-    return diff, scale
+    return _parity(model, torch.export.load(str(path)).module(), input_size, batch_sizes)
 
 
 def convert(
