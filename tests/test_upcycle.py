@@ -270,3 +270,13 @@ def test_train_init_from_flag_reaches_the_recipe(tmp_path):
                               str(tmp_path / 'run'), '--init-from', 'add_resnet20.cifar10_e12'])
     assert args.init_from == 'add_resnet20.cifar10_e12'
     assert '--init-from add_resnet20.cifar10_e12' in ztrain.recipe_command(args)
+
+
+def test_offline_hint_for_an_upcycled_tag_names_the_parent_and_upcycle():
+    """A local copy of an upcycled tag is the parent's file: the hint says how to upcycle it, not how to load
+    a file of ours (which the parent's file is not)."""
+    from aff_zoo.models.pretrained import _how_to_fix
+    hint = _how_to_fix('aff_resnet50.ra4_e3600_r224_in1k_upcycled')
+    assert ("aff_zoo.upcycle('aff_resnet50', timm.create_model('resnet50d.ra4_e3600_r224_in1k', pretrained=True, "
+            "pretrained_cfg_overlay=dict(file=") in hint
+    assert "timm.create_model('aff_resnet20.cifar10_e12', pretrained=True" in _how_to_fix('aff_resnet20.cifar10_e12')

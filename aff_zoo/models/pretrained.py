@@ -77,11 +77,16 @@ def _endpoint() -> str:
 
 
 def _how_to_fix(name: str) -> str:
+    from . import weights
+    upcycled = next((w for w in weights.UPCYCLED if w.name == name), None)
+    local = (f'aff_zoo.upcycle({upcycled.arch!r}, timm.create_model({upcycled.parent!r}, pretrained=True, '
+             f'pretrained_cfg_overlay=dict(file="/path/to/{upcycled.parent}/model.safetensors")))'
+             if upcycled else f'timm.create_model({name!r}, pretrained=True, '
+                              f'pretrained_cfg_overlay=dict(file="/path/to/model.safetensors"))')
     return (
         f'To load it anyway: point HF_ENDPOINT at a reachable Hub or mirror (set it before Python starts; '
         f'huggingface_hub reads it at import), or set HF_HUB_OFFLINE=1 with the file already in the Hub cache '
-        f'(HF_HOME / HF_HUB_CACHE), or load a local copy: timm.create_model({name!r}, pretrained=True, '
-        f'pretrained_cfg_overlay=dict(file="/path/to/model.safetensors")).')
+        f'(HF_HOME / HF_HUB_CACHE), or load a local copy: {local}.')
 
 
 def _check_reachable(endpoint: str, timeout: float):
