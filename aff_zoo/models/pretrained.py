@@ -99,6 +99,23 @@ def _check_reachable(endpoint: str, timeout: float):
         raise ConnectionError(f'cannot connect to {url.hostname}:{port} ({e})') from e
 
 
+def _unreachable(name: str, where: str, error: Exception) -> 'WeightsUnavailableError':
+    from huggingface_hub import constants
+    return WeightsUnavailableError(
+        f'{name}: the Hub cannot be reached for {where}: {error}; nothing cached in {constants.HF_HUB_CACHE}. '
+        + _how_to_fix(name))
+
+
+def require_hub(name: str, where: str) -> None:
+    """A ``WeightsUnavailableError`` within ``AFF_ZOO_CONNECT_TIMEOUT`` seconds (default 5) when the Hub cannot
+    be reached, before any client call that would retry for half a minute."""
+    from huggingface_hub import constants
+    try:
+        _check_reachable(constants.ENDPOINT, float(os.environ.get('AFF_ZOO_CONNECT_TIMEOUT', '5')))
+    except ConnectionError as e:
+        raise _unreachable(name, where, e) from None
+
+
 def hub_download(repo_id: str, filename: str, name: str, revision: Optional[str] = None) -> str:
     """``hf_hub_download`` (cache first, honours the HF_* variables) with clear, fast errors."""
     from huggingface_hub import constants, hf_hub_download
@@ -113,7 +130,7 @@ def hub_download(repo_id: str, filename: str, name: str, revision: Optional[str]
                 return hf_hub_download(repo_id, filename, revision=revision, local_files_only=True)
             except LocalEntryNotFoundError:
                 pass
-            _check_reachable(endpoint, float(os.environ.get('AFF_ZOO_CONNECT_TIMEOUT', '5')))
+            require_hub(name, where)
         return hf_hub_download(repo_id, filename, revision=revision)
     except LocalEntryNotFoundError:  # a subclass of EntryNotFoundError: first
         state = 'HF_HUB_OFFLINE=1 is set and ' if constants.HF_HUB_OFFLINE else 'the Hub cannot be reached and '
@@ -124,9 +141,7 @@ def hub_download(repo_id: str, filename: str, name: str, revision: Optional[str]
             f'{name}: the Hub has no {where} ({type(e).__name__}). Is the repo published there? '
             + _how_to_fix(name)) from None
     except ConnectionError as e:
-        raise WeightsUnavailableError(
-            f'{name}: the Hub cannot be reached for {where}: {e}; nothing cached in {constants.HF_HUB_CACHE}. '
-            + _how_to_fix(name)) from None
+        raise _unreachable(name, where, e) from None
     except HfHubHTTPError as e:
         raise WeightsUnavailableError(f'{name}: downloading {where} failed: {e}. ' + _how_to_fix(name)) from None
 

@@ -244,20 +244,14 @@ def parent_file(record) -> str:
     """A local, verified copy of an upcycled record's parent file: the Hugging Face cache, else the Hub at
     the pinned revision. Checked against the record's sha256 (or, until pinned, the Hub's reported digest)."""
     from huggingface_hub import constants, try_to_load_from_cache
-    from .pretrained import _check_reachable, hub_download
+    from .pretrained import hub_download, require_hub
     revision = record.revision or 'main'
     cached = try_to_load_from_cache(record.parent_repo, record.filename, revision=revision)
     if isinstance(cached, str):
         return _verify_parent(cached, record, 'the Hugging Face cache')
     if constants.HF_HUB_OFFLINE:  # a clear 'not in the cache' error
         hub_download(record.parent_repo, record.filename, record.name, revision)
-    try:
-        _check_reachable(constants.ENDPOINT, float(os.environ.get('AFF_ZOO_CONNECT_TIMEOUT', '5')))
-    except ConnectionError as e:
-        from .pretrained import WeightsUnavailableError, _how_to_fix
-        raise WeightsUnavailableError(
-            f'{record.name}: the Hub cannot be reached for the parent {record.parent_repo}/{record.filename} ({e}); '
-            f'it is not in the cache {constants.HF_HUB_CACHE}. ' + _how_to_fix(record.name)) from None
+    require_hub(record.name, f'the parent {record.filename} of Hub repo {record.parent_repo} ({constants.ENDPOINT})')
     commit, digest = _hub_file_info(record)
     # unpinned: by branch name, so the cache records refs/main and the next load (offline too) finds it
     path = hub_download(record.parent_repo, record.filename, record.name, commit if record.revision else revision)
