@@ -149,3 +149,35 @@ def test_unknown_tag_is_a_clear_error():
 def test_wrong_channel_count_is_a_clear_error():
     with pytest.raises(ValueError, match='in_chans'):
         _create('aff_resnet8')(torch.randn(1, 1, 32, 32))
+
+
+def test_resnet9_is_pages_network_with_the_fusion_in_its_residual_blocks():
+    """add_resnet9 against a hand-written forward of Page's DAWNBench ResNet-9 (pool before BN here); aff_resnet9
+    differs only in the fusion of the two residual blocks, and keeps max pooling when its head is replaced."""
+    import torch.nn.functional as F
+    model = _create('add_resnet9').eval()
+    for m in model.modules():  # non-trivial BN statistics, so that a misplaced BN shows
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2), m.running_var.uniform_(0.5, 2.0), m.bias.data.uniform_(-0.2, 0.2)
+
+    def cbr(conv, bn, x):
+        return F.relu(bn(conv(x)))
+    x = torch.randn(3, 3, 32, 32)
+    h = cbr(model.stem.conv, model.stem.bn, x)
+    for i, stage in enumerate(model.stages):
+        h = F.relu(stage.bn(F.max_pool2d(stage.conv(h), 2)))
+        if i in (0, 2):
+            b = stage.block
+            h = h + cbr(b.conv2, b.bn2, cbr(b.conv1, b.bn1, h))
+        else:
+            assert not hasattr(stage, 'block')
+    ref = model.fc(h.amax((2, 3))) * 0.125
+    assert [c.shape[1] for c in model.forward_intermediates(x, intermediates_only=True)] == [64, 128, 256, 512]
+    torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-5)
+    aff = _create('aff_resnet9')
+    assert type(aff.stages[0].block.fusion).__name__ == 'AFF' and type(aff.stages[2].block.fusion).__name__ == 'AFF'
+    assert sorted(n for n, _ in aff.named_modules() if n.endswith('.fusion')) == [
+        'stages.0.block.fusion', 'stages.2.block.fusion']
+    aff.reset_classifier(4)
+    assert aff.global_pool.pool_type == 'max' and aff(torch.randn(2, 3, 32, 32)).shape == (2, 4)
+    assert timm.create_model('aff_resnet9').pretrained_cfg['pool_size'] == (4, 4)

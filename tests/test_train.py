@@ -311,3 +311,33 @@ def test_recipes_print_their_full_command(capsys, monkeypatch):
         '--model', 'aff_resnet50', '--accum-steps', '4', '--epochs', '3', '--mixup-alpha', '0')  # explicit wins
     monkeypatch.setenv('WORLD_SIZE', '8')
     assert {'--lr 0.06', '--epochs 5'} <= run('--model', 'aff_resnet50', '--recipe', 'imagenet-upcycle')
+
+
+def test_cutout_erases_one_square_per_image_and_replays_from_the_python_seed():
+    import random
+    import timm
+    from aff_zoo.training.train import cutout_transform
+    model = timm.create_model('add_resnet8')
+    erase = cutout_transform(8, model)
+    random.seed(3)
+    x = erase(torch.ones(16, 3, 32, 32))
+    for img in x:
+        zero = (img == 0)
+        assert bool((zero == zero[0]).all())  # the same square in every channel
+        rows, cols = zero[0].any(1).nonzero().flatten(), zero[0].any(0).nonzero().flatten()
+        assert int(zero[0].sum()) == 64 and len(rows) == 8 and len(cols) == 8
+        assert int(rows[-1] - rows[0]) == 7 and int(cols[-1] - cols[0]) == 7  # one contiguous 8x8 square
+    random.seed(3)
+    assert torch.equal(erase(torch.ones(16, 3, 32, 32)), x)
+    with pytest.raises(ValueError, match='does not fit'):
+        cutout_transform(32, model)
+
+
+def test_resnet9_recipe_prints_pages_settings(capsys):
+    from aff_zoo.cli import main
+    assert main(['train', '--recipe', 'cifar10-r9', '--model', 'aff_resnet9', '--data', 'x', '--output', 'y',
+                 '--print-command']) == 0
+    printed = _segments(capsys.readouterr().out.strip().split(': ', 1)[1])
+    assert {'--batch-size 512', '--lr 0.4', '--epochs 24', '--warmup-epochs 5.0', '--cutout 8',
+            '--label-smoothing 0.2', '--amp-dtype bfloat16', '--no-no-wd-bn-bias', '--weight-decay 0.0005',
+            '--crop-pad 4', '--hflip', '--nesterov'} <= printed

@@ -27,10 +27,10 @@ def imagenet_cfg(**kwargs) -> Dict[str, Any]:
 
 
 def cifar_cfg(**kwargs) -> Dict[str, Any]:
-    return dict(
+    return dict(dict(
         num_classes=10, input_size=(3, 32, 32), pool_size=(8, 8), crop_pct=1.0,
         interpolation='bilinear', mean=CIFAR10_MEAN, std=CIFAR10_STD,
-        first_conv='stem.conv', classifier='fc', license='apache-2.0', **kwargs)
+        first_conv='stem.conv', classifier='fc', license='apache-2.0'), **kwargs)
 
 
 _BASE_CFGS: Dict[str, Callable[..., Dict[str, Any]]] = {}  # arch -> its base cfg, to rebuild cfgs
