@@ -1,6 +1,6 @@
 #!/bin/bash
 # The CIFAR-10 runs of docs/cifar10-weights.md as one queue: RUNS entries are recipe/model:seed, written to
-# $OUT/<recipe>/<model>-s<seed>. WORKERS runs at once, one thread each, nice 19; a run is claimed with flock,
+# $OUT/<recipe>/<model>-s<seed>. WORKERS runs at once, THREADS threads each, nice 19; a run is claimed with flock,
 # so a killed worker frees it. Rerun the same command to resume: finished runs (metrics.json) are skipped, an
 # unfinished one continues from its last epoch checkpoint.
 #   DATA=../shared/data/cifar10-train-jpeg.tar.gz OUT=runs WORKERS=2 scripts/cifar_queue.sh
@@ -10,6 +10,7 @@ DATA=${DATA:-../shared/data/cifar10-train-jpeg.tar.gz}
 OUT=${OUT:-runs}
 PY=${PY:-python}
 WORKERS=${WORKERS:-2}
+THREADS=${THREADS:-1}  # per run: 1 for the thin ResNet-20s, WORKERS=1 THREADS=2 finishes one ResNet-9 sooner
 # First the published ResNet-9 weights, then the ResNet-20 ablation (seeds 0-2 of add/AFF/iAFF, then SE/SK/local).
 RUNS=${RUNS:-"cifar10-r9/aff_resnet9:0 cifar10-r9/iaff_resnet9:0 cifar10-r9/add_resnet9:0
   cifar10-e12/add_resnet20:0 cifar10-e12/aff_resnet20:0 cifar10-e12/iaff_resnet20:0
@@ -23,7 +24,7 @@ worker() {
     [ -f "$out/metrics.json" ] && continue
     mkdir -p "$out"
     # -n: a run another worker holds is skipped; the lock dies with its holder
-    flock -n "$out/.lock" env OMP_NUM_THREADS=1 nice -n 19 $PY -m aff_zoo.cli train --recipe "$recipe" \
+    flock -n "$out/.lock" env OMP_NUM_THREADS=$THREADS nice -n 19 $PY -m aff_zoo.cli train --recipe "$recipe" \
       --model "$model" --seed "$seed" --data "$DATA" --output "$out" --resume --no-progress \
       >> "$out/stdout.log" 2>&1 || echo "=== $(date +%T) $run: not run by this worker (held or failed; see $out/stdout.log)"
   done
