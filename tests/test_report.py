@@ -52,3 +52,32 @@ def test_benchmark_column(tmp_path):
                            device='cpu', threads=2), models=dict(add_resnet8=dict(images_per_s=1234.4, images_per_cpu_s=99.0)))
     table = ablation_table(load_runs([str(runs / '*')]), bench)
     assert '| 1234 |' in table and '| – |' in table and 'benchmark_train_step.py add_resnet8' in table
+
+
+def test_paired_difference_to_addition_uses_the_same_seeds(tmp_path):
+    for seed, add, aff in [(0, 70.0, 71.0), (1, 72.0, 72.5), (2, 74.0, 75.5)]:
+        _run(tmp_path, 'add_resnet8', seed, add)
+        _run(tmp_path, 'aff_resnet8', seed, aff)
+    _run(tmp_path, 'aff_resnet8', 3, 90.0)  # no add run with seed 3: not in the paired difference
+    _run(tmp_path, 'se_resnet8', 1, 71.0)
+    rows = {l.split('|')[1].strip(' `'): l for l in ablation_table(load_runs([str(tmp_path / '*')])).splitlines()
+            if l.startswith('| `')}
+    # differences 1.0, 0.5, 1.5: mean 1.00, sample std 0.50, t = 1.0 / (0.5 / sqrt 3) = 3.46
+    assert '| +1.00 ± 0.50 (3 seeds, t = 3.5) |' in rows['aff_resnet8']
+    assert '| -1.00 (1 seed) |' in rows['se_resnet8']
+    assert '| add | 72.00 ± 2.00 | 0: 70.00, 1: 72.00, 2: 74.00 | – |' in rows['add_resnet8']
+
+
+def test_runs_from_before_a_new_config_field_share_the_recipe(tmp_path):
+    """A run written before TrainConfig gained a field (cutout) has that field's default: same recipe."""
+    old = _run(tmp_path, 'add_resnet8', 0, 70.0)
+    new = _run(tmp_path, 'aff_resnet8', 0, 71.0)
+    m = json.loads((new / 'metrics.json').read_text())
+    m['config']['cutout'] = 0
+    (new / 'metrics.json').write_text(json.dumps(m))
+    assert 'cutout' not in json.loads((old / 'metrics.json').read_text())['config']
+    assert '+1.00 (1 seed)' in ablation_table(load_runs([str(tmp_path / '*')]))
+    m['config']['cutout'] = 8
+    (new / 'metrics.json').write_text(json.dumps(m))
+    with pytest.raises(ValueError, match='one recipe'):
+        ablation_table(load_runs([str(tmp_path / '*')]))
