@@ -3,9 +3,13 @@
 # $OUT/<recipe>/<model>-s<seed>. WORKERS runs at once, THREADS threads each, nice 19; a run is claimed with flock,
 # so a killed worker frees it. Rerun the same command to resume: finished runs (metrics.json) are skipped, an
 # unfinished one continues from its last epoch checkpoint.
-#   DATA=../shared/data/cifar10-train-jpeg.tar.gz OUT=runs WORKERS=2 scripts/cifar_queue.sh
+#   DATA=../shared/data/cifar10-train-jpeg.tar.gz OUT=runs WORKERS=1 THREADS=2 \
+#     setsid nohup scripts/cifar_queue.sh >> runs/queue.log 2>&1 &
 set -e
 cd "$(dirname "$0")/.."
+# With the kernel's autogroup scheduling, nice acts only inside a session: another session (CI, tests) would
+# still share the cores 50/50 with the queue. Lower the whole session's weight too (run it under setsid, as above).
+[ "$(cat /proc/sys/kernel/sched_autogroup_enabled 2>/dev/null)" = 1 ] && echo 19 > /proc/self/autogroup 2>/dev/null || true
 DATA=${DATA:-../shared/data/cifar10-train-jpeg.tar.gz}
 OUT=${OUT:-runs}
 PY=${PY:-python}
