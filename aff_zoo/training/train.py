@@ -130,7 +130,8 @@ def create_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimize
 
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> Optional[torch.dtype]:
     """The autocast dtype, or None for full precision. CUDA: bfloat16 where supported, else float16 (which
-    needs the GradScaler). CPU: only an explicit ``amp_dtype='bfloat16'`` (a smoke test; slower on most CPUs)."""
+    needs the GradScaler). CPU: only an explicit ``amp_dtype='bfloat16'`` (with AMX 2.4-2.7x faster for
+    ResNet-9, see docs/cifar10-weights.md; slower on CPUs without it)."""
     if cfg.amp_dtype not in ('auto', 'bfloat16', 'float16'):
         raise ValueError(f"amp_dtype must be 'auto', 'bfloat16' or 'float16', got {cfg.amp_dtype!r}")
     if not cfg.amp:
