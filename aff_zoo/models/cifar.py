@@ -7,8 +7,9 @@
   cardinality 32, width 4, outputs 256/512/1024, avg-pool shortcut) with 2 blocks per stage; r = 16.
 * ResNet-9: Page's DAWNBench network ("How to train your ResNet", 2018; 94 % in 24 epochs), a stem and
   three conv-pool stages (64/128/256/512), the first and last with a two-conv residual block whose addition
-  is the fusion; r = 4. Chosen for our 2-core CPU: it reaches ResNet-56's accuracy in 24 epochs instead of
-  160, and its wide convolutions run 3x faster in bfloat16 (AMX) where ResNet-56's thin ones gain 1.4x.
+  is the fusion; r = 4. Chosen for our 2-core CPU: Page reached ResNet-56's accuracy in 24 epochs instead of
+  160, and its wide convolutions train 2.4-2.7x faster in bfloat16 (AMX) where ResNet-56's thin ones gain
+  1.2-2x (docs/cifar10-weights.md).
 
 Every architecture is registered once per fusion (``FUSIONS``): ``{fusion}_{arch}``, e.g.
 ``aff_resnet20``, ``iaff_resnet20``, ``add_resnet20``, ``se_resnet20``, ``sk_resnet20``,
@@ -317,10 +318,12 @@ _ARCHS = {
     f'{fusion}_{base}': dict(arch, fusion=fusion) for base, arch in _BASE_ARCHS.items() for fusion in FUSIONS
 }
 
-default_cfgs = {
-    **make_default_cfgs([a for a in _ARCHS if not a.endswith('_resnet9')], cifar_cfg),
-    **make_default_cfgs([a for a in _ARCHS if a.endswith('_resnet9')], partial(cifar_cfg, pool_size=(4, 4))),
-}
+_CFG_OVERRIDES = {'resnet9': dict(pool_size=(4, 4))}  # pretrained_cfg fields that differ from cifar_cfg's
+
+default_cfgs = {}
+for _base in _BASE_ARCHS:
+    default_cfgs.update(make_default_cfgs(
+        [f'{fusion}_{_base}' for fusion in FUSIONS], partial(cifar_cfg, **_CFG_OVERRIDES.get(_base, {}))))
 
 
 def _register(name: str):

@@ -32,7 +32,7 @@ import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -143,7 +143,7 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device) -> Optional[torch.dty
     return torch.bfloat16 if cfg.amp_dtype == 'bfloat16' else None
 
 
-def cutout_transform(side: int, model: nn.Module):
+def cutout_transform(side: int, model: nn.Module, device: Union[str, torch.device] = 'cpu'):
     """Cutout as timm's RandomErasing: one ``side`` x ``side`` square per image, filled with 0 (the mean after
     normalisation). Its draws come from Python's ``random``, whose state every checkpoint keeps."""
     from timm.data.random_erasing import RandomErasing
@@ -152,7 +152,7 @@ def cutout_transform(side: int, model: nn.Module):
         raise ValueError(f'cutout {side} px does not fit the {h}x{w} training images; use a smaller --cutout.')
     area = side * side / (h * w)
     return RandomErasing(probability=1.0, min_area=area, max_area=area, min_aspect=1.0, max_aspect=1.0,
-                         mode='const', device='cpu')
+                         mode='const', device=device)
 
 
 def seed_everything(seed: int):
@@ -334,7 +334,7 @@ def train(
     amp_dtype = autocast_dtype(cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     loss_fn = SoftTargetCrossEntropy()
-    erase = cutout_transform(cfg.cutout, model) if cfg.cutout > 0 else None
+    erase = cutout_transform(cfg.cutout, model, device) if cfg.cutout > 0 else None
     ddp_model = model
     if world > 1:
         ddp_model = nn.parallel.DistributedDataParallel(
