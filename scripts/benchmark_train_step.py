@@ -10,7 +10,8 @@ about N times it). The median over rounds is kept.
 
 One step = augmentation + normalisation + forward + backward + SGD update on a batch of uint8 32x32
 images, channels_last, fp32 on CPU (AMP on CUDA), exactly as `aff-zoo train` does it; ``--bf16`` autocasts to
-bfloat16 on either device (the cifar10-r9 recipe; fast on CPUs with AMX).
+bfloat16 on either device (the cifar10-r9 recipe; fast on CPUs with AMX); ``--compile`` wraps the model in
+torch.compile as ``aff-zoo train --compile`` does (the first step, which compiles, is the untimed warm-up).
 """
 import argparse
 import json
@@ -36,6 +37,7 @@ def main(argv=None):
     p.add_argument('--steps', type=int, default=5, help='timed steps per model per round')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--bf16', action='store_true', help='bfloat16 autocast (also on CPU)')
+    p.add_argument('--compile', action='store_true', help='torch.compile the forward, as `aff-zoo train --compile`')
     p.add_argument('--output')
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -45,7 +47,8 @@ def main(argv=None):
     state = {}
     for name in args.models:
         m = timm.create_model(name).to(device).to(memory_format=torch.channels_last).train()
-        state[name] = (m, torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, nesterov=True))
+        state[name] = (torch.compile(m) if args.compile else m,
+                       torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, nesterov=True))
 
     def step(name):
         m, opt = state[name]
@@ -76,6 +79,7 @@ def main(argv=None):
                    rounds=[[round(w, 1), round(c, 1)] for w, c in r],
                    params=sum(p.numel() for p in state[n][0].parameters())) for n, r in rates.items()}
     meta = dict(device=str(device), threads=torch.get_num_threads(), batch_size=args.batch_size, bf16=args.bf16,
+                compile=args.compile,
                 command='python scripts/benchmark_train_step.py ' + ' '.join(argv or sys.argv[1:]))
     for n, r in out.items():
         print(f'{n:24s} {r["images_per_s"]:8.1f} img/s wall  {r["images_per_cpu_s"]:8.1f} img per CPU-s  '

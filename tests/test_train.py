@@ -341,3 +341,7 @@ def test_resnet9_recipe_prints_pages_settings(capsys):
     assert {'--batch-size 512', '--lr 0.4', '--epochs 24', '--warmup-epochs 5.0', '--cutout 8',
             '--label-smoothing 0.2', '--amp-dtype bfloat16', '--no-no-wd-bn-bias', '--weight-decay 0.0005',
             '--crop-pad 4', '--hflip', '--nesterov'} <= printed
+    assert main(['train', '--recipe', 'cifar10-r9-e48', '--model', 'aff_resnet9', '--data', 'x', '--output', 'y',
+                 '--print-command']) == 0
+    longer = _segments(capsys.readouterr().out.strip().split(': ', 1)[1])
+    assert longer ^ printed == {'--epochs 24', '--epochs 48'}  # the same recipe at twice the epochs
