@@ -70,3 +70,9 @@ def test_license_and_citation():
     assert paper['title'] == 'Attentional Feature Fusion' and paper['year'] == 2021
     assert [a['family-names'] for a in paper['authors']] == ['Dai', 'Gieseke', 'Oehmcke', 'Wu', 'Barnard']
     assert PAPER_CITATION in README, 'the README cites the paper as the registry and the model cards do'
+
+
+def test_every_recipe_has_a_row_in_training_loop_doc():
+    from aff_zoo.training.train import RECIPES
+    rows = set(re.findall(r'^\| `([a-z0-9-]+)` \|', (ROOT / 'docs' / 'training-loop.md').read_text(), re.M))
+    assert set(RECIPES) <= rows, f'docs/training-loop.md lacks a row for {sorted(set(RECIPES) - rows)}'
