@@ -3,6 +3,7 @@ the one safetensors writer, file hashes, the git commit of this code (recorded w
 upload), and the one splicer of generated sections into markdown pages."""
 import hashlib
 import os
+import platform
 import re
 import subprocess
 from pathlib import Path
@@ -77,14 +78,17 @@ def sha256_file(path, chunk: int = 1 << 20) -> str:
 
 
 def git_commit() -> str:
+    """The checkout's commit (``-dirty`` with local changes); a copy without ``.git`` (the working tree sent to
+    a lent GPU machine) reports ``$AFF_ZOO_GIT_COMMIT``, else 'unknown'."""
+    copied = os.environ.get('AFF_ZOO_GIT_COMMIT') or 'unknown'
     try:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout
         sha = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=root, capture_output=True, text=True, timeout=10)
         dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=root,
                                capture_output=True, text=True, timeout=10)
-        return sha.stdout.strip() + ('-dirty' if dirty.stdout.strip() else '') if sha.returncode == 0 else 'unknown'
+        return sha.stdout.strip() + ('-dirty' if dirty.stdout.strip() else '') if sha.returncode == 0 else copied
     except (OSError, subprocess.SubprocessError):
-        return 'unknown'
+        return copied
 
 
 def write_changed(files: Dict[Path, str], check: bool = False) -> List[Path]:
@@ -118,3 +122,20 @@ def read_section(text: str, name: str) -> str:
     if m is None:
         raise ValueError(f'no <!-- {name}:start --> ... <!-- {name}:end --> markers in the page')
     return m.group(2)
+
+
+def machine_line(device) -> str:
+    """The device in words (GPU name, or CPU model, cores and threads) and the torch version, for records."""
+    import torch
+    device = torch.device(device)
+    if device.type == 'cuda':
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            with open('/proc/cpuinfo') as f:
+                name = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
+        except (OSError, StopIteration):
+            pass
+        name = f'{name}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads'
+    return f'{name}; torch {torch.__version__}'

@@ -25,7 +25,8 @@ import torch  # noqa: E402
 import timm  # noqa: E402
 
 import aff_zoo  # noqa: E402,F401  (registers the models)
-from aff_zoo.deploy.benchmark import interleaved_rates, machine_line, markdown_table, paired_ratio  # noqa: E402
+from aff_zoo.deploy.benchmark import interleaved_rates, markdown_table, paired_ratio  # noqa: E402
+from aff_zoo.utils import machine_line  # noqa: E402
 from aff_zoo.utils import atomic_write_text  # noqa: E402
 
 HUB_TAG = 'aff_resnet20.cifar10_e12'

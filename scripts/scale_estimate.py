@@ -32,7 +32,8 @@ import torch.nn.functional as F  # noqa: E402
 
 import aff_zoo  # noqa: E402,F401
 from aff_zoo.data.streaming import open_data, train_val_split  # noqa: E402
-from aff_zoo.deploy.benchmark import interleaved_rates, machine_line, paired_ratio  # noqa: E402
+from aff_zoo.deploy.benchmark import interleaved_rates, paired_ratio  # noqa: E402
+from aff_zoo.utils import machine_line  # noqa: E402
 
 
 def make_jpegs(root, n, seed=0):

@@ -20,7 +20,6 @@ import csv
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -29,7 +28,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from ..utils import atomic_write, atomic_write_text, replace_section
+from ..utils import atomic_write, atomic_write_text, machine_line, replace_section
 from ..models.stats import gmacs as count_gmacs, param_count
 from ..layers.fusion import AFF, MSCAM, bottleneck_width, create_fusion, fuse_for_inference, iAFF
 
@@ -223,18 +222,6 @@ def _load_line() -> str:
         return 'load average unknown'
 
 
-def machine_line(device: torch.device) -> str:
-    if device.type == 'cuda':
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = platform.processor() or platform.machine()
-        try:
-            with open('/proc/cpuinfo') as f:
-                name = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
-        except (OSError, StopIteration):
-            pass
-        name = f'{name}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads'
-    return f'{name}; torch {torch.__version__}'
 
 
 # --------------------------------------------------------------------------------------------------

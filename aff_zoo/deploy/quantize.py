@@ -244,7 +244,8 @@ def markdown_table(results: List[QuantResult]) -> str:
 
 
 def _cpu_line() -> str:
-    from .benchmark import _load_line, machine_line
+    from ..utils import machine_line
+    from .benchmark import _load_line
     flags = ''
     try:
         with open('/proc/cpuinfo') as f:

@@ -39,7 +39,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..utils import atomic_write, atomic_write_text, git_commit, save_safetensors
+from ..utils import atomic_write, atomic_write_text, git_commit, machine_line, save_safetensors
 from ..data import BatchLoader, ImageArrays, gpu_augment, normalize
 from .evaluate import _dist_info, evaluate_loader
 
@@ -485,7 +485,8 @@ def train(
         command=cfg.command, git_commit=commit, world_size=world,
         effective_batch_size=cfg.batch_size * accum * world,
         amp_dtype=str(amp_dtype).replace('torch.', '') if amp_dtype is not None else 'off',
-        device=str(device), torch=str(torch.__version__), config=asdict(cfg), run=identity,
+        device=str(device), machine=machine_line(device), torch=str(torch.__version__), config=asdict(cfg),
+        run=identity,
         resume_overrides=overrides, **(extra_metrics or {}),
     )
     if rank == 0:

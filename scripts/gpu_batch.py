@@ -1,0 +1,242 @@
+#!/usr/bin/env python
+"""Many `aff-zoo train` runs at once on one lent GPU machine, inside a fixed time window; results packed small.
+
+A lent GPU comes with minutes, not hours, and gives back only a few small files. So this script
+1. decodes the data once (every run then reads the cache),
+2. starts CUDA MPS where it works (one shared GPU context: the small kernels of many runs then overlap
+   instead of time-slicing), else goes on without it,
+3. starts every run at once, each its own process with `--device cuda --no-progress --resume`,
+4. watches the window: a run of a lower tier (a later ``--tier``) that cannot finish before the deadline is
+   stopped, and so is the lowest-priority run still going whenever a tier-0 run is projected to miss it,
+5. packs what came back into ``--results``: ``runs.tar.gz`` (every run folder without its checkpoint and
+   weights), the weights of the finished runs of ``--weights-tiers`` as float16 safetensors
+   (``<recipe>.<model>-s<seed>.fp16.safetensors``: half the size; ``aff-zoo evaluate`` them again after
+   the return), and ``summary.json`` (device, MPS, every run's state, accuracy and wall time).
+
+    python scripts/gpu_batch.py --data cifar10-train-jpeg.tar.gz --runs-dir runs --results $OUT --deadline 470 \\
+        --tier cifar10-r9-e48/aff_resnet9:0,cifar10-r9-e48/add_resnet9:0 --tier cifar10-r9-e48/aff_resnet9:1
+
+Rerunning it with the same ``--runs-dir`` resumes unfinished runs from their epoch checkpoints.
+"""
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+PACK_SECONDS = 25  # kept free at the end for packing
+
+
+class Run:
+    def __init__(self, spec: str, tier: int, runs_dir: str):
+        recipe, rest = spec.split('/', 1)
+        self.model, seed = rest.split(':')
+        self.recipe, self.seed, self.tier = recipe, int(seed), tier
+        self.name = f'{self.recipe}/{self.model}-s{self.seed}'
+        self.out = os.path.join(runs_dir, self.recipe, f'{self.model}-s{self.seed}')
+        self.proc = None
+        self.state = 'waiting'
+        self.started = self.ended = None
+        self.base = 0  # epochs done before this launch (a resumed run)
+        self.epoch_times = []  # wall time at which each epoch of this launch was first seen
+
+    def epochs_total(self) -> int:
+        from aff_zoo.training.train import RECIPES
+        return EPOCHS or int(RECIPES[self.recipe]['epochs'])
+
+    def epochs_done(self) -> int:
+        try:
+            with open(os.path.join(self.out, 'log.csv')) as f:
+                return max(0, sum(1 for _ in f) - 1)
+        except OSError:
+            return 0
+
+    def finished(self) -> bool:
+        return os.path.exists(os.path.join(self.out, 'metrics.json'))
+
+    def projected_end(self, now: float) -> float:
+        """When the run ends at its recent pace: unknown (now) before 3 epochs, unless it is slower than one
+        epoch in 150 s; from 4 epochs on, the pace of the last 3 (start-up excluded, later stops counted)."""
+        n = len(self.epoch_times)
+        if n < 3:
+            return float('inf') if now - self.started > 150 * (n + 1) else now
+        per_epoch = ((self.epoch_times[-1] - self.epoch_times[-4]) / 3 if n >= 4  # the pace of the last 3
+                     else (self.epoch_times[-1] - self.started) / n)
+        return self.epoch_times[-1] + per_epoch * (self.epochs_total() - self.base - n)
+
+    def stop(self, why: str):
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.state, self.ended = f'stopped: {why}', time.time()
+        print(f'[{_clock()}] stopped {self.name}: {why}', flush=True)
+
+
+_T0 = time.time()
+EPOCHS = 0  # --epochs: overrides every recipe's epoch count (tests, a shorter window)
+DEVICE, EXTRA = 'cuda', []
+
+
+def _clock() -> str:
+    return f'{time.time() - _T0:6.1f}s'
+
+
+def _start_mps(env: dict) -> str:
+    """Start the MPS daemon and check that a CUDA context opens through it; undo it if not."""
+    if not shutil.which('nvidia-cuda-mps-control'):
+        return 'off (nvidia-cuda-mps-control not found)'
+    for var, d in (('CUDA_MPS_PIPE_DIRECTORY', '/tmp/mps-pipe'), ('CUDA_MPS_LOG_DIRECTORY', '/tmp/mps-log')):
+        os.makedirs(d, exist_ok=True)
+        env[var] = d
+    try:
+        subprocess.run(['nvidia-cuda-mps-control', '-d'], env=env, check=True, timeout=30)
+        probe = subprocess.run([sys.executable, '-c', 'import torch; print(torch.ones(2, device="cuda").sum().item())'],
+                               env=env, timeout=90, capture_output=True, text=True)
+        if probe.returncode == 0 and probe.stdout.strip() == '2.0':
+            return 'on'
+        why = (probe.stderr or probe.stdout).strip().splitlines()[-1:] or ['no output']
+    except (subprocess.SubprocessError, OSError) as e:
+        why = [str(e)]
+    subprocess.run(['nvidia-cuda-mps-control'], input='quit\n', text=True, env=env, timeout=30)
+    env.pop('CUDA_MPS_PIPE_DIRECTORY'), env.pop('CUDA_MPS_LOG_DIRECTORY')
+    return f'off (failed: {why[0]})'
+
+
+def _launch(run: Run, data: str, env: dict):
+    os.makedirs(run.out, exist_ok=True)
+    cmd = [sys.executable, '-m', 'aff_zoo.cli', 'train', '--recipe', run.recipe, '--model', run.model,
+           '--seed', str(run.seed), '--data', data, '--output', run.out, '--resume', '--no-progress',
+           '--device', DEVICE, *(['--epochs', str(EPOCHS)] if EPOCHS else []), *EXTRA]
+    log = open(os.path.join(run.out, 'stdout.log'), 'a')
+    run.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    run.state, run.started, run.base = 'running', time.time(), run.epochs_done()
+
+
+def _watch(runs, deadline: float, poll: float):
+    last_stop = 0.0
+    while True:
+        now = time.time()
+        live = [r for r in runs if r.state == 'running']
+        for r in live:
+            n = r.epochs_done() - r.base
+            while len(r.epoch_times) < n:
+                r.epoch_times.append(now)
+            if r.proc.poll() is not None:
+                r.state = 'finished' if r.finished() else f'failed (exit {r.proc.returncode})'
+                r.ended = now
+                print(f'[{_clock()}] {r.name}: {r.state}', flush=True)
+        live = [r for r in runs if r.state == 'running']
+        if not live:
+            return
+        if now >= deadline:
+            for r in live:
+                r.stop('deadline')
+            return
+        # One stop per 20 s at most (the freed GPU needs a few epochs to show in the others' pace): the
+        # lowest-priority run that is projected to miss the deadline, or whenever a tier-0 run is projected to
+        # miss it, the lowest-priority run of all.
+        lower = sorted((r for r in live if r.tier > 0), key=lambda r: (-r.tier, r.epochs_done()))
+        hopeless = [r for r in lower if r.projected_end(now) > deadline]
+        late = [r for r in live if r.tier == 0 and r.projected_end(now) > deadline]
+        if now - last_stop > 20 and (hopeless or (late and lower)):
+            if hopeless:
+                victim, why = hopeless[0], f'projected to end {hopeless[0].projected_end(now) - _T0:.0f}s'
+            else:
+                victim, why = lower[0], f'{late[0].name} projected to end {late[0].projected_end(now) - _T0:.0f}s'
+            victim.stop(f'{why} > deadline {deadline - _T0:.0f}s')
+            last_stop = now
+        time.sleep(poll)
+
+
+def _pack(runs, results: str, weights_tiers, mps: str, started: float):
+    import torch
+    from safetensors.torch import load_file, save_file
+    from aff_zoo.utils import machine_line
+    os.makedirs(results, exist_ok=True)
+    summary = dict(machine=machine_line('cuda') if torch.cuda.is_available() else machine_line('cpu'),
+                   mps=mps, wall_seconds=round(time.time() - started, 1), runs=[])
+    with tarfile.open(os.path.join(results, 'runs.tar.gz'), 'w:gz') as tar:
+        for r in runs:
+            if os.path.isdir(r.out):
+                tar.add(r.out, arcname=os.path.join(r.recipe, os.path.basename(r.out)),
+                        filter=lambda ti: None if os.path.basename(ti.name) in (
+                            'checkpoint.pt', 'model.safetensors', '.lock') else ti)
+    for r in runs:
+        row = dict(run=r.name, tier=r.tier, state=r.state, epochs_done=r.epochs_done(), epochs=r.epochs_total(),
+                   wall_seconds=round((r.ended or time.time()) - r.started, 1) if r.started else None)
+        if r.finished():
+            with open(os.path.join(r.out, 'metrics.json')) as f:
+                m = json.load(f)
+            row.update(val_top1=m['val_top1'], val_top5=m['val_top5'], best_epoch=m['best_epoch'])
+            if r.tier in weights_tiers:
+                sd = load_file(os.path.join(r.out, 'model.safetensors'))
+                half = {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}
+                bad = [k for k, v in half.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+                if bad:
+                    row['weights'] = f'not packed: float16 overflows in {bad[:3]}'
+                else:
+                    err = max(((half[k].float() - v).abs().max() / v.abs().max().clamp_min(1e-12)).item()
+                              for k, v in sd.items() if v.is_floating_point() and v.numel())
+                    name = f'{r.recipe}.{r.model}-s{r.seed}.fp16.safetensors'
+                    save_file(half, os.path.join(results, name), metadata=dict(source='aff_zoo gpu_batch.py'))
+                    row.update(weights=name, fp16_max_rel_error=err)
+        summary['runs'].append(row)
+    with open(os.path.join(results, 'summary.json'), 'w') as f:
+        json.dump(summary, f, indent=1)
+    return summary
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('--data', required=True)
+    p.add_argument('--runs-dir', default='runs')
+    p.add_argument('--results', required=True, help='folder for the packed results ($OUT on a lent machine)')
+    p.add_argument('--tier', action='append', required=True,
+                   help='comma-separated recipe/model:seed runs; the first --tier has the highest priority')
+    p.add_argument('--deadline', type=float, required=True, help='seconds from the start by which all is packed')
+    p.add_argument('--weights-tiers', default='0', help='comma-separated tiers whose weights are packed')
+    p.add_argument('--no-mps', action='store_true')
+    p.add_argument('--device', default='cuda', help='the runs\' --device (cpu: to try this script without a GPU)')
+    p.add_argument('--epochs', type=int, default=0, help='override every recipe\'s epochs (0: keep them)')
+    p.add_argument('--extra', default='', help='more `aff-zoo train` options for every run, one string')
+    p.add_argument('--poll', type=float, default=2.0)
+    args = p.parse_args(argv)
+    global EPOCHS, DEVICE, EXTRA
+    EPOCHS, DEVICE, EXTRA = args.epochs, args.device, args.extra.split()
+    runs = [Run(s, t, args.runs_dir) for t, tier in enumerate(args.tier) for s in tier.split(',') if s]
+    deadline = _T0 + args.deadline - PACK_SECONDS
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+    env['PYTHONPATH'] = os.pathsep.join(x for x in (ROOT, env.get('PYTHONPATH')) if x)
+    from aff_zoo.data import load_images
+    load_images(args.data)  # decode once; the runs read the cache
+    print(f'[{_clock()}] data decoded', flush=True)
+    mps = 'off (--no-mps)' if args.no_mps or args.device != 'cuda' else _start_mps(env)
+    print(f'[{_clock()}] MPS {mps}', flush=True)
+    for r in runs:
+        if r.finished():
+            r.state = 'finished'
+        else:
+            _launch(r, args.data, env)
+    print(f'[{_clock()}] started {sum(r.state == "running" for r in runs)} runs', flush=True)
+    try:
+        _watch(runs, deadline, args.poll)
+    finally:
+        for r in runs:
+            if r.state == 'running':
+                r.stop('driver ended')
+        summary = _pack(runs, args.results, {int(t) for t in args.weights_tiers.split(',') if t}, mps, _T0)
+        if mps == 'on':
+            subprocess.run(['nvidia-cuda-mps-control'], input='quit\n', text=True, env=env, timeout=30)
+    print(json.dumps(summary, indent=1))
+    return 0 if all(r['state'] == 'finished' for r in summary['runs'] if r['tier'] == 0) else 1
+
+
+if __name__ == '__main__':
+    sys.exit(main())

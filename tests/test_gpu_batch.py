@@ -1,0 +1,78 @@
+"""scripts/gpu_batch.py: runs start together, finished ones are packed small, and the deadline rule holds."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tarfile
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from _imagefolder import make_imagefolder
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, 'scripts', 'gpu_batch.py')
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location('gpu_batch', SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_two_tiers_on_cpu_pack_logs_and_float16_weights(tmp_path):
+    data = make_imagefolder(tmp_path / 'imgs', classes=3, per_class=20, size=16)
+    out, runs = tmp_path / 'out', tmp_path / 'runs'
+    env = dict(os.environ, AFF_ZOO_CACHE=str(tmp_path / 'cache'), OMP_NUM_THREADS='1', PYTHONPATH=ROOT)
+    p = subprocess.run([sys.executable, SCRIPT, '--data', data, '--runs-dir', str(runs), '--results', str(out),
+                        '--deadline', '200', '--device', 'cpu', '--epochs', '2',
+                        '--extra', '--val-per-class 4 --batch-size 16 --num-classes 3',
+                        '--tier', 'cifar10-e12/add_resnet8:0,cifar10-e12/aff_resnet8:0',
+                        '--tier', 'cifar10-e12/iaff_resnet8:1'],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    summary = json.loads((out / 'summary.json').read_text())
+    assert [r['state'] for r in summary['runs']] == ['finished'] * 3
+    assert summary['mps'] == 'off (--no-mps)' and 'torch' in summary['machine']
+    # tier 0 comes back with float16 weights equal to the run's own up to rounding; tier 1 as logs only
+    name = 'cifar10-e12.aff_resnet8-s0.fp16.safetensors'
+    assert sorted(os.listdir(out)) == sorted(['runs.tar.gz', 'summary.json', name,
+                                              'cifar10-e12.add_resnet8-s0.fp16.safetensors'])
+    half, full = load_file(out / name), load_file(runs / 'cifar10-e12' / 'aff_resnet8-s0' / 'model.safetensors')
+    assert half.keys() == full.keys()
+    for k, v in full.items():
+        if v.is_floating_point():
+            assert half[k].dtype == torch.float16 and torch.allclose(half[k].float(), v, rtol=1e-3, atol=1e-4)
+        else:
+            assert torch.equal(half[k], v)
+    with tarfile.open(out / 'runs.tar.gz') as tar:
+        names = tar.getnames()
+    assert 'cifar10-e12/iaff_resnet8-s1/metrics.json' in names and 'cifar10-e12/add_resnet8-s0/log.csv' in names
+    assert not any(n.endswith(('checkpoint.pt', 'model.safetensors')) for n in names)
+
+
+def test_projection_and_the_stop_rule(monkeypatch):
+    gb = _module()
+    monkeypatch.setattr(gb, 'EPOCHS', 10)
+    run = gb.Run('cifar10-e12/aff_resnet8:1', 1, 'runs')
+    run.started = 100.0
+    assert run.projected_end(120.0) == 120.0  # too early to tell
+    assert run.projected_end(400.0) == float('inf')  # no epoch in 300 s
+    run.epoch_times = [110.0, 120.0, 130.0, 140.0]  # 10 s an epoch once started
+    monkeypatch.setattr(gb.Run, 'epochs_done', lambda self: len(self.epoch_times))
+    assert run.projected_end(141.0) == pytest.approx(140.0 + 6 * 10.0)
+    run.base = 4  # resumed at epoch 4: only 2 epochs are left
+    assert run.projected_end(141.0) == pytest.approx(160.0)
+
+
+def test_a_copy_without_git_reports_the_commit_it_was_sent_from(monkeypatch):
+    """The working tree sent to a lent machine has no .git: its runs record $AFF_ZOO_GIT_COMMIT instead."""
+    from aff_zoo import utils
+    monkeypatch.setattr(utils.subprocess, 'run', lambda *a, **k: subprocess.CompletedProcess(a, 128, '', 'no git'))
+    monkeypatch.delenv('AFF_ZOO_GIT_COMMIT', raising=False)
+    assert utils.git_commit() == 'unknown'
+    monkeypatch.setenv('AFF_ZOO_GIT_COMMIT', 'abc123')
+    assert utils.git_commit() == 'abc123'
