@@ -78,17 +78,19 @@ def sha256_file(path, chunk: int = 1 << 20) -> str:
 
 
 def git_commit() -> str:
-    """The checkout's commit (``-dirty`` with local changes); a copy without ``.git`` (the working tree sent to
-    a lent GPU machine) reports ``$AFF_ZOO_GIT_COMMIT``, else 'unknown'."""
-    copied = os.environ.get('AFF_ZOO_GIT_COMMIT') or 'unknown'
+    """The checkout's commit (``-dirty`` with local changes), or ``$AFF_ZOO_GIT_COMMIT`` when set: a working
+    tree sent to a lent GPU machine arrives on another commit (or none), so the sender names its own."""
+    named = os.environ.get('AFF_ZOO_GIT_COMMIT')
+    if named:
+        return named
     try:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout
         sha = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=root, capture_output=True, text=True, timeout=10)
         dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=root,
                                capture_output=True, text=True, timeout=10)
-        return sha.stdout.strip() + ('-dirty' if dirty.stdout.strip() else '') if sha.returncode == 0 else copied
+        return sha.stdout.strip() + ('-dirty' if dirty.stdout.strip() else '') if sha.returncode == 0 else 'unknown'
     except (OSError, subprocess.SubprocessError):
-        return copied
+        return 'unknown'
 
 
 def write_changed(files: Dict[Path, str], check: bool = False) -> List[Path]:

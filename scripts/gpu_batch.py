@@ -13,10 +13,15 @@ A lent GPU comes with minutes, not hours, and gives back only a few small files.
    (``<recipe>.<model>-s<seed>.fp16.safetensors``: half the size; ``aff-zoo evaluate`` them again after
    the return), and ``summary.json`` (device, MPS, every run's state, accuracy and wall time).
 
+    export AFF_ZOO_GIT_COMMIT=<the commit sent>  # the copy there sits on another commit: runs record this one
     python scripts/gpu_batch.py --data cifar10-train-jpeg.tar.gz --runs-dir runs --results $OUT --deadline 470 \\
         --tier cifar10-r9-e48/aff_resnet9:0,cifar10-r9-e48/add_resnet9:0 --tier cifar10-r9-e48/aff_resnet9:1
 
-Rerunning it with the same ``--runs-dir`` resumes unfinished runs from their epoch checkpoints.
+Rerunning it with the same ``--runs-dir`` resumes unfinished runs from their epoch checkpoints. Back on the
+home machine, ``--unpack`` puts the returned folders under ``--runs-dir`` and each float16 file back as its
+run's ``model.safetensors`` (float32 again, values as rounded):
+
+    python scripts/gpu_batch.py --unpack /work/.device/1 --runs-dir runs
 """
 import argparse
 import json
@@ -143,7 +148,8 @@ def _watch(runs, deadline: float, poll: float):
         # lowest-priority run that is projected to miss the deadline, or whenever a tier-0 run is projected to
         # miss it, the lowest-priority run of all.
         lower = sorted((r for r in live if r.tier > 0), key=lambda r: (-r.tier, r.epochs_done()))
-        hopeless = [r for r in lower if r.projected_end(now) > deadline]
+        # (judged on the pace after start-up only: the first epochs of many runs starting at once are slow)
+        hopeless = [r for r in lower if len(r.epoch_times) >= 4 and r.projected_end(now) > deadline]
         late = [r for r in live if r.tier == 0 and r.projected_end(now) > deadline]
         if now - last_stop > 20 and (hopeless or (late and lower)):
             if hopeless:
@@ -193,14 +199,33 @@ def _pack(runs, results: str, weights_tiers, mps: str, started: float):
     return summary
 
 
+def unpack(results: str, runs_dir: str):
+    """The returned run folders under ``runs_dir``; each ``<recipe>.<model>-s<seed>.fp16.safetensors`` as its
+    run's float32 ``model.safetensors``."""
+    from safetensors.torch import load_file
+    from aff_zoo.utils import save_safetensors
+    with tarfile.open(os.path.join(results, 'runs.tar.gz')) as tar:
+        tar.extractall(runs_dir, filter='data')
+    for name in sorted(os.listdir(results)):
+        if name.endswith('.fp16.safetensors'):
+            recipe, run = name[:-len('.fp16.safetensors')].split('.', 1)
+            state = {k: v.float() if v.is_floating_point() else v
+                     for k, v in load_file(os.path.join(results, name)).items()}
+            out = os.path.join(runs_dir, recipe, run, 'model.safetensors')
+            save_safetensors(state, out, metadata=dict(precision='trained on a GPU, rounded to float16 for the '
+                                                                 'return trip (scripts/gpu_batch.py)'))
+            print(f'{out}: {len(state)} tensors')
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument('--data', required=True)
+    p.add_argument('--unpack', metavar='RESULTS', help='put a returned results folder under --runs-dir, and stop')
+    p.add_argument('--data')
     p.add_argument('--runs-dir', default='runs')
-    p.add_argument('--results', required=True, help='folder for the packed results ($OUT on a lent machine)')
-    p.add_argument('--tier', action='append', required=True,
+    p.add_argument('--results', help='folder for the packed results ($OUT on a lent machine)')
+    p.add_argument('--tier', action='append',
                    help='comma-separated recipe/model:seed runs; the first --tier has the highest priority')
-    p.add_argument('--deadline', type=float, required=True, help='seconds from the start by which all is packed')
+    p.add_argument('--deadline', type=float, help='seconds from the start by which all is packed')
     p.add_argument('--weights-tiers', default='0', help='comma-separated tiers whose weights are packed')
     p.add_argument('--no-mps', action='store_true')
     p.add_argument('--device', default='cuda', help='the runs\' --device (cpu: to try this script without a GPU)')
@@ -208,6 +233,11 @@ def main(argv=None):
     p.add_argument('--extra', default='', help='more `aff-zoo train` options for every run, one string')
     p.add_argument('--poll', type=float, default=2.0)
     args = p.parse_args(argv)
+    if args.unpack:
+        unpack(args.unpack, args.runs_dir)
+        return 0
+    if not (args.data and args.results and args.tier and args.deadline):
+        p.error('--data, --results, --tier and --deadline are needed to run (or --unpack RESULTS)')
     global EPOCHS, DEVICE, EXTRA
     EPOCHS, DEVICE, EXTRA = args.epochs, args.device, args.extra.split()
     runs = [Run(s, t, args.runs_dir) for t, tier in enumerate(args.tier) for s in tier.split(',') if s]

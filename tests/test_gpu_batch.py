@@ -52,6 +52,14 @@ def test_two_tiers_on_cpu_pack_logs_and_float16_weights(tmp_path):
         names = tar.getnames()
     assert 'cifar10-e12/iaff_resnet8-s1/metrics.json' in names and 'cifar10-e12/add_resnet8-s0/log.csv' in names
     assert not any(n.endswith(('checkpoint.pt', 'model.safetensors')) for n in names)
+    # back home: the folders unpacked, the float16 file as a float32 model.safetensors with the rounded values
+    home = tmp_path / 'home'
+    assert _module().main(['--unpack', str(out), '--runs-dir', str(home)]) == 0
+    back = load_file(home / 'cifar10-e12' / 'aff_resnet8-s0' / 'model.safetensors')
+    assert all(v.dtype == torch.float32 and torch.equal(v, half[k].float()) for k, v in back.items()
+               if v.is_floating_point())
+    assert (home / 'cifar10-e12' / 'iaff_resnet8-s1' / 'metrics.json').is_file()
+    assert not (home / 'cifar10-e12' / 'iaff_resnet8-s1' / 'model.safetensors').exists()
 
 
 def test_projection_and_the_stop_rule(monkeypatch):
@@ -68,11 +76,14 @@ def test_projection_and_the_stop_rule(monkeypatch):
     assert run.projected_end(141.0) == pytest.approx(160.0)
 
 
-def test_a_copy_without_git_reports_the_commit_it_was_sent_from(monkeypatch):
-    """The working tree sent to a lent machine has no .git: its runs record $AFF_ZOO_GIT_COMMIT instead."""
+def test_a_sent_copy_records_the_commit_it_was_sent_from(monkeypatch):
+    """The working tree sent to a lent machine arrives on the session's base commit (measured: the H100 runs
+    recorded 00cc3fe-dirty for code of 94f0ecb), or without .git: $AFF_ZOO_GIT_COMMIT, when set, wins."""
     from aff_zoo import utils
     monkeypatch.setattr(utils.subprocess, 'run', lambda *a, **k: subprocess.CompletedProcess(a, 128, '', 'no git'))
     monkeypatch.delenv('AFF_ZOO_GIT_COMMIT', raising=False)
     assert utils.git_commit() == 'unknown'
+    monkeypatch.setattr(utils.subprocess, 'run', lambda *a, **k: subprocess.CompletedProcess(a, 0, 'f00\n', ''))
+    assert utils.git_commit() == 'f00-dirty'
     monkeypatch.setenv('AFF_ZOO_GIT_COMMIT', 'abc123')
     assert utils.git_commit() == 'abc123'

@@ -225,6 +225,33 @@ def test_export_cli_writes_folder_and_record(hub_checkpoint, tmp_path, capsys):
         zfolders.export_run(run, 'aff_resnet20', 'cifar10', tmp_path / 'x')
 
 
+def test_export_float16_halves_the_file_and_loads_into_float32(hub_checkpoint, tmp_path, capsys):
+    """Weights trained on a lent GPU come back rounded to float16 (scripts/gpu_batch.py): stored so, they lose
+    nothing more and take half the space; they load into the usual float32 model."""
+    folder, _ = hub_checkpoint
+    run = _fake_run_dir(tmp_path, folder)
+    out = tmp_path / 'hub' / 'aff_resnet8.half'
+    assert cli_main(['export', str(run), '--arch', 'aff_resnet8', '--tag', 'half', '--out', str(out),
+                     '--dtype', 'float16', '--notes', 'rounded on the way back']) == 0
+    printed = capsys.readouterr().out
+    record = eval(printed[printed.index('Weights('):].rstrip().rstrip(','), {'Weights': Weights})
+    assert record.metrics['dtype'] == 'float16' and record.notes == 'rounded on the way back'
+    stored = load_file(out / 'model.safetensors')
+    assert {v.dtype for v in stored.values() if v.is_floating_point()} == {torch.float16}
+    assert record.size < 0.6 * (run / 'model.safetensors').stat().st_size
+    zfolders.validate_folder(out, record)
+    with registered_weights(record):
+        model = timm.create_model('aff_resnet8.half', pretrained=True,
+                                  pretrained_cfg_overlay=dict(file=str(out / 'model.safetensors'))).eval()
+    ref = timm.create_model('aff_resnet8').eval()
+    ref.load_state_dict({k: v.half().to(v.dtype) if v.is_floating_point() else v
+                         for k, v in load_file(run / 'model.safetensors').items()})
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), ref(x))
+
+
 def test_publish_dry_run_lists_exact_operations(hub_checkpoint, capsys):
     folder, record = hub_checkpoint
     with registered_weights(record):

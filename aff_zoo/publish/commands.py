@@ -8,7 +8,10 @@ def _cmd_export(args) -> int:
     from .folders import export_run, record_source
     out = args.out or str(Path('hub') / f'{args.arch}.{args.tag}')
     extra = {'label_names': tuple(args.label_names)} if args.label_names else {}
-    record = export_run(args.run_dir, args.arch, args.tag, out, dataset=args.dataset or '', **extra)
+    if args.notes:
+        extra['notes'] = args.notes
+    record = export_run(args.run_dir, args.arch, args.tag, out, dataset=args.dataset or '', dtype=args.dtype,
+                        **extra)
     print(f'wrote {out}: ' + ', '.join(sorted(p.name for p in Path(out).iterdir())))
     print('Add this record to WEIGHTS in aff_zoo/models/weights.py, then run `aff-zoo cards`:\n')
     print(record_source(record))
@@ -40,6 +43,9 @@ def register_cli(sub):
     p.add_argument('--dataset', help='dataset description for the card (default: from metrics.json)')
     p.add_argument('--label-names', nargs='+', help='class names in output order (default: the run\'s classes '
                    'from metrics.json, where it has them)')
+    p.add_argument('--dtype', choices=('float32', 'float16', 'bfloat16'), default='float32',
+                   help='stored precision (float16: half the file; loads into a float32 model as usual)')
+    p.add_argument('--notes', help='a paragraph for the record and the card (how it was trained, caveats)')
     p.set_defaults(func=_cmd_export)
     p = sub.add_parser('publish')
     p.add_argument('folder', help='e.g. hub/aff_resnet20.cifar10')

@@ -33,11 +33,12 @@ def save_pretrained(
         metrics: Optional[Dict[str, Any]] = None,
         recipe: str = '',
         curves: Optional[str] = None,
+        dtype: str = 'float32',
         **record_fields,
 ) -> Weights:
     """Write ``folder`` as its Hub repo holds it: ``model.safetensors``, ``config.json`` (timm's format:
     architecture, num_classes, num_features, pretrained_cfg) and ``README.md`` (the model card), plus
-    ``training_curves.png`` when ``curves`` is given. Returns the ``Weights`` record describing the file
+    ``training_curves.png`` when ``curves`` is given; ``dtype`` is the stored precision. Returns the ``Weights`` record describing the file
     (paste it into ``aff_zoo/models/weights.py`` to register it)."""
     from timm.models import save_for_hf
     folder = Path(folder)
@@ -52,7 +53,7 @@ def save_pretrained(
         tmp = Path(tmp)
         # timm's public writer (model.safetensors + config.json); it saves state_dict() as it is, and
         # safetensors refuses non-contiguous tensors, so it gets a CPU copy in the default memory format.
-        export = copy.deepcopy(model).cpu().to(memory_format=torch.contiguous_format)
+        export = copy.deepcopy(model).cpu().to(dtype=getattr(torch, dtype), memory_format=torch.contiguous_format)
         save_for_hf(export, tmp, model_config=dict(pretrained_cfg=pcfg), safe_serialization=True)
         del export
         record = replace(probe, sha256=sha256_file(tmp / WEIGHTS_NAME), size=(tmp / WEIGHTS_NAME).stat().st_size)
@@ -63,7 +64,8 @@ def save_pretrained(
     return record
 
 
-def export_run(run_dir, arch: str, tag: str, out, dataset: str = '', **record_fields) -> Weights:
+def export_run(run_dir, arch: str, tag: str, out, dataset: str = '', dtype: str = 'float32',
+               **record_fields) -> Weights:
     """A training run dir (``model.safetensors``, ``metrics.json``, ``log.csv``, ``curves.png``, as written by
     ``aff-zoo train``) -> the Hub folder ``out`` and its ``Weights`` record. The weights must load strictly
     into ``arch``; metrics and the recipe come from ``metrics.json``."""
@@ -85,7 +87,8 @@ def export_run(run_dir, arch: str, tag: str, out, dataset: str = '', **record_fi
     metrics = dict(top1=m['val_top1'], top5=m.get('val_top5'), split=m.get('val_split', ''), epochs=m.get('epochs'),
                    best_epoch=m.get('best_epoch'), train_images=m.get('train_images'), val_images=m.get('val_images'),
                    train_seconds=m.get('total_train_seconds'),
-                   device=m.get('device'), world_size=m.get('world_size'), git_commit=m.get('git_commit'),
+                   device=m.get('device'), machine=m.get('machine'), world_size=m.get('world_size'),
+                   git_commit=m.get('git_commit'), dtype=dtype if dtype != 'float32' else None,
                    dataset_sha256=m.get('dataset_sha256'))
     metrics = {k: v for k, v in metrics.items() if v is not None}
     curves = run_dir / 'curves.png'
@@ -93,7 +96,7 @@ def export_run(run_dir, arch: str, tag: str, out, dataset: str = '', **record_fi
         record_fields['label_names'] = tuple(m['classes'])
     return save_pretrained(
         model, out, tag=tag, dataset=dataset or m.get('dataset', ''), metrics=metrics, recipe=m.get('command', ''),
-        curves=str(curves) if curves.is_file() else None, **record_fields)
+        curves=str(curves) if curves.is_file() else None, dtype=dtype, **record_fields)
 
 
 def record_source(record: Weights) -> str:
