@@ -97,6 +97,16 @@ _E12_NOTE = ('12 epochs (cosine schedule, seed 0) on the 45,000 training images,
              'below what a ResNet-20 reaches with the usual ~180 epochs (~91 %). Validation = the last 500 images per '
              'class of the JPEG CIFAR-10 training set (the test split was not available).')
 
+_E48_NOTE = ("48 epochs of the cifar10-r9-e48 recipe (Page's DAWNBench ResNet-9 recipe at twice the epochs; seed 0, "
+             'bfloat16 autocast) on one NVIDIA H100, beside the 11 other runs of the ablation in '
+             'docs/cifar10-weights.md (scripts/gpu_batch.py, CUDA MPS). The weights came back from the GPU machine '
+             'rounded to float16 and are stored so; top-1 is that of these rounded weights (aff-zoo evaluate, CPU, '
+             'float32), the best of the 48 epochs on the validation split (the last 500 images per class of the JPEG '
+             'CIFAR-10 training set; the test split was not available). Short of the 93 % that issue 13 asks for. '
+             "The run recorded git 00cc3fe-dirty: the GPU machine's copy of the tree sat on that commit; the code "
+             'was 94f0ecb.')
+_CIFAR10_JPEG = 'CIFAR-10 (JPEG): the 45,000 training images (train split minus the validation images)'
+
 CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
 
 WEIGHTS: Tuple[Weights, ...] = (
@@ -106,10 +116,11 @@ WEIGHTS: Tuple[Weights, ...] = (
         sha256='7f512f8b581df4c19171c85407d37c1ac2c42b54ae826bb5f48f69582b16fe31',
         size=1194952,
         num_classes=10,
-        dataset='CIFAR-10 (JPEG): the 45,000 training images (train split minus the validation images)',
+        dataset=_CIFAR10_JPEG,
         metrics={
             'top1': 84.32,
             'top5': 99.32,
+            'top1_flip': 84.8,
             'split': 'last 500 images per class (sorted by name)',
             'epochs': 12,
             'best_epoch': 12,
@@ -136,10 +147,11 @@ WEIGHTS: Tuple[Weights, ...] = (
         sha256='cebb31debf0c5c4641e39f3eeff1fc761771b6d05c846828af6e39ca900c67b8',
         size=1285216,
         num_classes=10,
-        dataset='CIFAR-10 (JPEG): the 45,000 training images (train split minus the validation images)',
+        dataset=_CIFAR10_JPEG,
         metrics={
             'top1': 84.3,
             'top5': 99.36,
+            'top1_flip': 85.3,
             'split': 'last 500 images per class (sorted by name)',
             'epochs': 12,
             'best_epoch': 12,
@@ -166,10 +178,11 @@ WEIGHTS: Tuple[Weights, ...] = (
         sha256='6959630148d6a75fbf5655c55ee013bffbca26d73a541d1bb58afb09a83019a0',
         size=1104992,
         num_classes=10,
-        dataset='CIFAR-10 (JPEG): the 45,000 training images (train split minus the validation images)',
+        dataset=_CIFAR10_JPEG,
         metrics={
             'top1': 84.14,
             'top5': 99.36,
+            'top1_flip': 84.7,
             'split': 'last 500 images per class (sorted by name)',
             'epochs': 12,
             'best_epoch': 12,
@@ -189,6 +202,109 @@ WEIGHTS: Tuple[Weights, ...] = (
             '--warmup-epochs 0.3 --weight-decay 0.0005',
         label_names=CIFAR10_CLASSES,
         notes=_E12_NOTE,
+    ),
+    Weights(
+        arch='aff_resnet9',
+        tag='cifar10_e48',
+        sha256='b6292a596431447c059cb8cdb5988e1f53798564e543eae74641e2cfd1f77cea',
+        size=13729044,
+        num_classes=10,
+        dataset=_CIFAR10_JPEG,
+        metrics={
+            'top1': 91.54,
+            'top5': 99.56,
+            'top1_flip': 92.12,
+            'split': 'last 500 images per class (sorted by name)',
+            'epochs': 48,
+            'best_epoch': 46,
+            'train_images': 45000,
+            'val_images': 5000,
+            'train_seconds': 292.7,
+            'device': 'cuda:0',
+            'machine': 'NVIDIA H100 80GB HBM3; torch 2.11.0+cu130',
+            'world_size': 1,
+            'git_commit': '00cc3fe08e8ca2f8ed590540f8174effba2f7b53-dirty',
+            'dtype': 'float16',
+            'dataset_sha256': 'bb033266dbb26aa71223ff120c0df4e7d3943dbd93b9e65984876854c6234931',
+        },
+        recipe='aff-zoo train --accum-steps 1 --amp --amp-dtype bfloat16 --backbone-lr-scale 1.0 '
+            '--batch-size 512 --channels-last --no-compile --crop-pad 4 --cutout 8 --data '
+            '.devdata/cifar10-train-jpeg.tar.gz --data-path auto --device cuda --drop-path 0.0 '
+            '--ema-decay 0.0 --epochs 48 --eval-batch-size 500 --hflip --label-smoothing 0.2 --lr 0.4 '
+            '--min-lr 0.0 --mixup-alpha 0.0 --model aff_resnet9 --momentum 0.9 --nesterov '
+            '--no-no-wd-bn-bias --opt sgd --output /tmp/gpuruns/cifar10-r9-e48/aff_resnet9-s0 --seed 0 '
+            '--train-subset 0 --val-per-class 500 --warmup-epochs 5.0 --weight-decay 0.0005 --workers 8',
+        label_names=CIFAR10_CLASSES,
+        notes=_E48_NOTE,
+    ),
+    Weights(
+        arch='iaff_resnet9',
+        tag='cifar10_e48',
+        sha256='7e33abb935a93c63b3f449303e7ebbee7ee6a200a2df81148d991aa215aa6cc9',
+        size=14298452,
+        num_classes=10,
+        dataset=_CIFAR10_JPEG,
+        metrics={
+            'top1': 91.18,
+            'top5': 99.42,
+            'top1_flip': 92.14,
+            'split': 'last 500 images per class (sorted by name)',
+            'epochs': 48,
+            'best_epoch': 48,
+            'train_images': 45000,
+            'val_images': 5000,
+            'train_seconds': 317.6,
+            'device': 'cuda:0',
+            'machine': 'NVIDIA H100 80GB HBM3; torch 2.11.0+cu130',
+            'world_size': 1,
+            'git_commit': '00cc3fe08e8ca2f8ed590540f8174effba2f7b53-dirty',
+            'dtype': 'float16',
+            'dataset_sha256': 'bb033266dbb26aa71223ff120c0df4e7d3943dbd93b9e65984876854c6234931',
+        },
+        recipe='aff-zoo train --accum-steps 1 --amp --amp-dtype bfloat16 --backbone-lr-scale 1.0 '
+            '--batch-size 512 --channels-last --no-compile --crop-pad 4 --cutout 8 --data '
+            '.devdata/cifar10-train-jpeg.tar.gz --data-path auto --device cuda --drop-path 0.0 '
+            '--ema-decay 0.0 --epochs 48 --eval-batch-size 500 --hflip --label-smoothing 0.2 --lr 0.4 '
+            '--min-lr 0.0 --mixup-alpha 0.0 --model iaff_resnet9 --momentum 0.9 --nesterov '
+            '--no-no-wd-bn-bias --opt sgd --output /tmp/gpuruns/cifar10-r9-e48/iaff_resnet9-s0 --seed 0'
+            ' --train-subset 0 --val-per-class 500 --warmup-epochs 5.0 --weight-decay 0.0005 --workers '
+            '8',
+        label_names=CIFAR10_CLASSES,
+        notes=_E48_NOTE,
+    ),
+    Weights(
+        arch='add_resnet9',
+        tag='cifar10_e48',
+        sha256='0aacc31b4818bf96b596965e57628e87bf65a3076ae2048618f594fb35c5d167',
+        size=13159708,
+        num_classes=10,
+        dataset=_CIFAR10_JPEG,
+        metrics={
+            'top1': 91.7,
+            'top5': 99.6,
+            'top1_flip': 92.08,
+            'split': 'last 500 images per class (sorted by name)',
+            'epochs': 48,
+            'best_epoch': 48,
+            'train_images': 45000,
+            'val_images': 5000,
+            'train_seconds': 263.3,
+            'device': 'cuda:0',
+            'machine': 'NVIDIA H100 80GB HBM3; torch 2.11.0+cu130',
+            'world_size': 1,
+            'git_commit': '00cc3fe08e8ca2f8ed590540f8174effba2f7b53-dirty',
+            'dtype': 'float16',
+            'dataset_sha256': 'bb033266dbb26aa71223ff120c0df4e7d3943dbd93b9e65984876854c6234931',
+        },
+        recipe='aff-zoo train --accum-steps 1 --amp --amp-dtype bfloat16 --backbone-lr-scale 1.0 '
+            '--batch-size 512 --channels-last --no-compile --crop-pad 4 --cutout 8 --data '
+            '.devdata/cifar10-train-jpeg.tar.gz --data-path auto --device cuda --drop-path 0.0 '
+            '--ema-decay 0.0 --epochs 48 --eval-batch-size 500 --hflip --label-smoothing 0.2 --lr 0.4 '
+            '--min-lr 0.0 --mixup-alpha 0.0 --model add_resnet9 --momentum 0.9 --nesterov '
+            '--no-no-wd-bn-bias --opt sgd --output /tmp/gpuruns/cifar10-r9-e48/add_resnet9-s0 --seed 0 '
+            '--train-subset 0 --val-per-class 500 --warmup-epochs 5.0 --weight-decay 0.0005 --workers 8',
+        label_names=CIFAR10_CLASSES,
+        notes=_E48_NOTE,
     ),
 )
 

@@ -50,11 +50,12 @@ def model_card(w: Weights, has_curves: bool = False) -> str:
     """The Hub model card (``README.md`` of the repo) for one registry record."""
     fusion = w.arch.split('_', 1)[0]
     m = w.metrics
-    rows = [('top-1 (%)', m.get('top1')), ('top-5 (%)', m.get('top5')), ('evaluation split', m.get('split')),
+    rows = [('top-1 (%)', m.get('top1')), ('top-5 (%)', m.get('top5')),
+            ('top-1 with flip test-time augmentation (%)', m.get('top1_flip')), ('evaluation split', m.get('split')),
             ('epochs', m.get('epochs')), ('best epoch', m.get('best_epoch')),
             ('training images', m.get('train_images')), ('validation images', m.get('val_images')),
-            ('training time (s)', m.get('train_seconds')), ('trained on', m.get('device')),
-            ('code commit', m.get('git_commit'))]
+            ('training time (s)', m.get('train_seconds')), ('trained on', m.get('machine') or m.get('device')),
+            ('code commit', m.get('git_commit')), ('stored precision', m.get('dtype'))]
     metric_rows = ''.join(f'| {k} | {_fmt(v)} |\n' for k, v in rows if v is not None)
     c, h, _ = w.input_size
     curves = (f'\n![training curves](training_curves.png)\n\nLoss and accuracy per epoch, from the training log.\n'
@@ -220,12 +221,14 @@ def weights_table(records: Sequence[Weights]) -> str:
     upcycled = [r for r in records if isinstance(r, Upcycled)]
     records = [r for r in records if not isinstance(r, Upcycled)]
     tail = '\n' + upcycled_table(upcycled) if upcycled else ''
-    head = ('| weights | top-1 (%) | top-5 (%) | epochs | dataset | Hub repo | size (MB) | sha256 |\n'
-            '|---|---|---|---|---|---|---|---|\n')
+    head = ('| weights | top-1 (%) | top-5 (%) | top-1, flip TTA (%) | epochs | dataset | Hub repo | size (MB) '
+            '| sha256 |\n'
+            '|---|---|---|---|---|---|---|---|---|\n')
     if not records:
-        return head + '| (none published yet) | | | | | | | |\n' + tail
+        return head + '| (none published yet) | | | | | | | | |\n' + tail
     return head + ''.join(
-        f'| `{w.name}` | {_fmt(w.top1)} | {_fmt(w.top5)} | {_fmt(w.metrics.get("epochs"))} | {w.dataset_id} '
+        f'| `{w.name}` | {_fmt(w.top1)} | {_fmt(w.top5)} | {_fmt(w.metrics.get("top1_flip"))} '
+        f'| {_fmt(w.metrics.get("epochs"))} | {w.dataset_id} '
         f'| [{w.hf_hub_id}](https://huggingface.co/{w.hf_hub_id}) | {w.size / 1e6:.2f} | `{w.sha256[:12]}` |\n'
         for w in records) + tail
 
