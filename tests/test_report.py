@@ -1,5 +1,6 @@
 """README tables come from metrics.json files: pooled seeds, refusal to mix recipes, marker replacement."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -81,3 +82,17 @@ def test_runs_from_before_a_new_config_field_share_the_recipe(tmp_path):
     (new / 'metrics.json').write_text(json.dumps(m))
     with pytest.raises(ValueError, match='one recipe'):
         ablation_table(load_runs([str(tmp_path / '*')]))
+
+
+def test_docs_tables_are_generated_from_the_committed_runs():
+    """docs/training.md's ablation and checkpoints tables equal what `aff-zoo runs-table` makes of runs/."""
+    from aff_zoo.publish.report import checkpoint_table
+    from aff_zoo.utils import read_section
+    root = Path(__file__).resolve().parents[1]
+    page = (root / 'docs' / 'training.md').read_text()
+    runs = root / 'runs' / 'cifar10-r9-e48'
+    ablation = ablation_table(load_runs([str(runs / '*')]))
+    checkpoints = checkpoint_table(load_runs([str(runs / '*aff_resnet9-s0'), str(runs / 'add_resnet9-s0')]))
+    assert read_section(page, 'ablation-table').strip() == ablation.strip()
+    assert read_section(page, 'checkpoints-table').strip() == checkpoints.strip()
+    assert len(load_runs([str(runs / '*')])) == 12  # add, AFF, iAFF x 3 seeds; SE, SK, local x 1

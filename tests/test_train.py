@@ -345,3 +345,6 @@ def test_resnet9_recipe_prints_pages_settings(capsys):
                  '--print-command']) == 0
     longer = _segments(capsys.readouterr().out.strip().split(': ', 1)[1])
     assert longer ^ printed == {'--epochs 24', '--epochs 48'}  # the same recipe at twice the epochs
+    assert main(['train', '--recipe', 'cifar10-r9-e96', '--model', 'aff_resnet9', '--data', 'x', '--output', 'y',
+                 '--print-command']) == 0
+    assert _segments(capsys.readouterr().out.strip().split(': ', 1)[1]) ^ printed == {'--epochs 24', '--epochs 96'}
