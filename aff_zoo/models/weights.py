@@ -98,8 +98,8 @@ _E12_NOTE = ('12 epochs (cosine schedule, seed 0) on the 45,000 training images,
              'class of the JPEG CIFAR-10 training set (the test split was not available).')
 
 _E48_NOTE = ("48 epochs of the cifar10-r9-e48 recipe (Page's DAWNBench ResNet-9 recipe at twice the epochs; seed 0, "
-             'bfloat16 autocast) on one NVIDIA H100, beside the 11 other runs of the ablation in '
-             'docs/cifar10-weights.md (scripts/gpu_batch.py, CUDA MPS). The weights came back from the GPU machine '
+             'bfloat16 autocast) on one NVIDIA H100, beside the 11 other runs of the ablation in docs/training.md '
+             '(scripts/gpu_batch.py, CUDA MPS). The weights came back from the GPU machine '
              'rounded to float16 and are stored so; top-1 is that of these rounded weights (aff-zoo evaluate, CPU, '
              'float32), the best of the 48 epochs on the validation split (the last 500 images per class of the JPEG '
              'CIFAR-10 training set; the test split was not available). Short of the 93 % that issue 13 asks for. '
