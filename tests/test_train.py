@@ -313,22 +313,26 @@ def test_recipes_print_their_full_command(capsys, monkeypatch):
     assert {'--lr 0.06', '--epochs 5'} <= run('--model', 'aff_resnet50', '--recipe', 'imagenet-upcycle')
 
 
-def test_cutout_erases_one_square_per_image_and_replays_from_the_python_seed():
-    import random
+def test_cutout_erases_one_uniform_square_per_image_and_replays_from_the_generator():
     import timm
     from aff_zoo.training.train import cutout_transform
     model = timm.create_model('add_resnet8')
     erase = cutout_transform(8, model)
-    random.seed(3)
-    x = erase(torch.ones(16, 3, 32, 32))
-    for img in x:
+    x = erase(torch.ones(2000, 3, 32, 32), torch.Generator().manual_seed(3))
+    tops, lefts = [], []
+    for img in x[:200]:
         zero = (img == 0)
         assert bool((zero == zero[0]).all())  # the same square in every channel
         rows, cols = zero[0].any(1).nonzero().flatten(), zero[0].any(0).nonzero().flatten()
         assert int(zero[0].sum()) == 64 and len(rows) == 8 and len(cols) == 8
         assert int(rows[-1] - rows[0]) == 7 and int(cols[-1] - cols[0]) == 7  # one contiguous 8x8 square
-    random.seed(3)
-    assert torch.equal(erase(torch.ones(16, 3, 32, 32)), x)
+    zero = (x[:, 0] == 0)
+    tops = zero.any(2).float().argmax(1)  # first erased row of each image
+    lefts = zero.any(1).float().argmax(1)
+    # timm's RandomErasing puts the square wholly inside, top and left uniform over 0..24: all 25 values appear
+    assert set(tops.tolist()) == set(range(25)) == set(lefts.tolist())
+    assert torch.equal(erase(torch.ones(2000, 3, 32, 32), torch.Generator().manual_seed(3)), x)  # replays
+    assert not torch.equal(erase(torch.ones(2000, 3, 32, 32), torch.Generator().manual_seed(4)), x)
     with pytest.raises(ValueError, match='does not fit'):
         cutout_transform(32, model)
 
