@@ -124,7 +124,7 @@ def _launch(run: Run, data: str, env: dict):
     run.state, run.started, run.base = 'running', time.time(), run.epochs_done()
 
 
-def _watch(runs, deadline: float, poll: float):
+def _watch(runs, deadline: float, poll: float, stops: bool = True):
     last_stop = 0.0
     while True:
         now = time.time()
@@ -151,7 +151,7 @@ def _watch(runs, deadline: float, poll: float):
         # (judged on the pace after start-up only: the first epochs of many runs starting at once are slow)
         hopeless = [r for r in lower if len(r.epoch_times) >= 4 and r.projected_end(now) > deadline]
         late = [r for r in live if r.tier == 0 and r.projected_end(now) > deadline]
-        if now - last_stop > 20 and (hopeless or (late and lower)):
+        if stops and now - last_stop > 20 and (hopeless or (late and lower)):
             if hopeless:
                 victim, why = hopeless[0], f'projected to end {hopeless[0].projected_end(now) - _T0:.0f}s'
             else:
@@ -228,6 +228,9 @@ def main(argv=None):
     p.add_argument('--deadline', type=float, help='seconds from the start by which all is packed')
     p.add_argument('--weights-tiers', default='0', help='comma-separated tiers whose weights are packed')
     p.add_argument('--no-mps', action='store_true')
+    p.add_argument('--no-stops', action='store_true',
+                   help='stop runs at the deadline only: for runs meant to go on in a second call on the warm machine '
+                        '(the same command again; they resume from their epoch checkpoints)')
     p.add_argument('--device', default='cuda', help='the runs\' --device (cpu: to try this script without a GPU)')
     p.add_argument('--epochs', type=int, default=0, help='override every recipe\'s epochs (0: keep them)')
     p.add_argument('--extra', default='', help='more `aff-zoo train` options for every run, one string')
@@ -256,7 +259,7 @@ def main(argv=None):
             _launch(r, args.data, env)
     print(f'[{_clock()}] started {sum(r.state == "running" for r in runs)} runs', flush=True)
     try:
-        _watch(runs, deadline, args.poll)
+        _watch(runs, deadline, args.poll, stops=not args.no_stops)
     finally:
         for r in runs:
             if r.state == 'running':

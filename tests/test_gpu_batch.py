@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import time
 
 import pytest
 import torch
@@ -87,3 +88,27 @@ def test_a_sent_copy_records_the_commit_it_was_sent_from(monkeypatch):
     assert utils.git_commit() == 'f00-dirty'
     monkeypatch.setenv('AFF_ZOO_GIT_COMMIT', 'abc123')
     assert utils.git_commit() == 'abc123'
+
+
+def test_without_stops_only_the_deadline_ends_runs(monkeypatch, tmp_path):
+    """--no-stops: a lower-tier run projected past the deadline runs on (a second call on the warm machine
+    resumes it); with stops it is ended as soon as its pace is known."""
+    gb = _module()
+    monkeypatch.setattr(gb, 'EPOCHS', 100)
+
+    def fake_runs():
+        runs = []
+        for spec, tier in (('cifar10-e12/add_resnet8:0', 0), ('cifar10-e12/aff_resnet8:1', 1)):
+            r = gb.Run(spec, tier, str(tmp_path))
+            r.proc = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], start_new_session=True)
+            r.state, r.started = 'running', time.time() - 100
+            r.epoch_times = [r.started + 10 * i for i in range(1, 5)]  # 10 s an epoch: 96 left, far too slow
+            runs.append(r)
+        return runs
+    monkeypatch.setattr(gb.Run, 'epochs_done', lambda self: len(self.epoch_times))
+    runs = fake_runs()
+    gb._watch(runs, time.time() + 3, 0.2, stops=False)
+    assert [r.state for r in runs] == ['stopped: deadline'] * 2
+    runs = fake_runs()
+    gb._watch(runs, time.time() + 3, 0.2)
+    assert runs[1].state.startswith('stopped: projected') and runs[0].state == 'stopped: deadline'
