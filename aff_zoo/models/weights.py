@@ -105,6 +105,29 @@ _E48_NOTE = ("48 epochs of the cifar10-r9-e48 recipe (Page's DAWNBench ResNet-9 
              'CIFAR-10 training set; the test split was not available). Short of the 93 % that issue 13 asks for. '
              "The run recorded git 00cc3fe-dirty: the GPU machine's copy of the tree sat on that commit; the code "
              'was 94f0ecb.')
+_E12_METRICS = {  # what the three cifar10_e12 records share
+    'split': 'last 500 images per class (sorted by name)',
+    'epochs': 12,
+    'best_epoch': 12,
+    'train_images': 45000,
+    'val_images': 5000,
+    'device': 'cpu',
+    'world_size': 1,
+    'git_commit': 'd003b42bea6f8b647ce4f1e165c44b07014bd7df-dirty',
+    'dataset_sha256': 'bb033266dbb26aa71223ff120c0df4e7d3943dbd93b9e65984876854c6234931',
+}
+_E48_METRICS = {  # what the three cifar10_e48 records share
+    'split': 'last 500 images per class (sorted by name)',
+    'epochs': 48,
+    'train_images': 45000,
+    'val_images': 5000,
+    'device': 'cuda:0',
+    'machine': 'NVIDIA H100 80GB HBM3; torch 2.11.0+cu130',
+    'world_size': 1,
+    'git_commit': '00cc3fe08e8ca2f8ed590540f8174effba2f7b53-dirty',
+    'dtype': 'float16',
+    'dataset_sha256': 'bb033266dbb26aa71223ff120c0df4e7d3943dbd93b9e65984876854c6234931',
+}
 _CIFAR10_JPEG = 'CIFAR-10 (JPEG): the 45,000 training images (train split minus the validation images)'
 
 CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
@@ -118,19 +141,11 @@ WEIGHTS: Tuple[Weights, ...] = (
         num_classes=10,
         dataset=_CIFAR10_JPEG,
         metrics={
+            **_E12_METRICS,
             'top1': 84.32,
             'top5': 99.32,
             'top1_flip': 84.8,
-            'split': 'last 500 images per class (sorted by name)',
-            'epochs': 12,
-            'best_epoch': 12,
-            'train_images': 45000,
-            'val_images': 5000,
             'train_seconds': 4834.9,
-            'device': 'cpu',
-            'world_size': 1,
-            'git_commit': 'd003b42bea6f8b647ce4f1e165c44b07014bd7df-dirty',
-            'dataset_sha256': 'bb033266dbb26aa71223ff120c0df4e7d3943dbd93b9e65984876854c6234931',
         },
         recipe='aff-zoo train --amp --batch-size 128 --channels-last --crop-pad 4 --data '
             '/work/shared/data/cifar10-train-jpeg.tar.gz --drop-path 0.0 --ema-decay 0.0 --epochs 12 '
@@ -149,19 +164,11 @@ WEIGHTS: Tuple[Weights, ...] = (
         num_classes=10,
         dataset=_CIFAR10_JPEG,
         metrics={
+            **_E12_METRICS,
             'top1': 84.3,
             'top5': 99.36,
             'top1_flip': 85.3,
-            'split': 'last 500 images per class (sorted by name)',
-            'epochs': 12,
-            'best_epoch': 12,
-            'train_images': 45000,
-            'val_images': 5000,
             'train_seconds': 4722.4,
-            'device': 'cpu',
-            'world_size': 1,
-            'git_commit': 'd003b42bea6f8b647ce4f1e165c44b07014bd7df-dirty',
-            'dataset_sha256': 'bb033266dbb26aa71223ff120c0df4e7d3943dbd93b9e65984876854c6234931',
         },
         recipe='aff-zoo train --amp --batch-size 128 --channels-last --crop-pad 4 --data '
             '/work/shared/data/cifar10-train-jpeg.tar.gz --drop-path 0.0 --ema-decay 0.0 --epochs 12 '
@@ -180,19 +187,11 @@ WEIGHTS: Tuple[Weights, ...] = (
         num_classes=10,
         dataset=_CIFAR10_JPEG,
         metrics={
+            **_E12_METRICS,
             'top1': 84.14,
             'top5': 99.36,
             'top1_flip': 84.7,
-            'split': 'last 500 images per class (sorted by name)',
-            'epochs': 12,
-            'best_epoch': 12,
-            'train_images': 45000,
-            'val_images': 5000,
             'train_seconds': 4524.5,
-            'device': 'cpu',
-            'world_size': 1,
-            'git_commit': 'd003b42bea6f8b647ce4f1e165c44b07014bd7df-dirty',
-            'dataset_sha256': 'bb033266dbb26aa71223ff120c0df4e7d3943dbd93b9e65984876854c6234931',
         },
         recipe='aff-zoo train --amp --batch-size 128 --channels-last --crop-pad 4 --data '
             '/work/shared/data/cifar10-train-jpeg.tar.gz --drop-path 0.0 --ema-decay 0.0 --epochs 12 '
@@ -211,21 +210,12 @@ WEIGHTS: Tuple[Weights, ...] = (
         num_classes=10,
         dataset=_CIFAR10_JPEG,
         metrics={
+            **_E48_METRICS,
             'top1': 91.54,
             'top5': 99.56,
             'top1_flip': 92.12,
-            'split': 'last 500 images per class (sorted by name)',
-            'epochs': 48,
             'best_epoch': 46,
-            'train_images': 45000,
-            'val_images': 5000,
             'train_seconds': 292.7,
-            'device': 'cuda:0',
-            'machine': 'NVIDIA H100 80GB HBM3; torch 2.11.0+cu130',
-            'world_size': 1,
-            'git_commit': '00cc3fe08e8ca2f8ed590540f8174effba2f7b53-dirty',
-            'dtype': 'float16',
-            'dataset_sha256': 'bb033266dbb26aa71223ff120c0df4e7d3943dbd93b9e65984876854c6234931',
         },
         recipe='aff-zoo train --accum-steps 1 --amp --amp-dtype bfloat16 --backbone-lr-scale 1.0 '
             '--batch-size 512 --channels-last --no-compile --crop-pad 4 --cutout 8 --data '
@@ -245,21 +235,12 @@ WEIGHTS: Tuple[Weights, ...] = (
         num_classes=10,
         dataset=_CIFAR10_JPEG,
         metrics={
+            **_E48_METRICS,
             'top1': 91.18,
             'top5': 99.42,
             'top1_flip': 92.14,
-            'split': 'last 500 images per class (sorted by name)',
-            'epochs': 48,
             'best_epoch': 48,
-            'train_images': 45000,
-            'val_images': 5000,
             'train_seconds': 317.6,
-            'device': 'cuda:0',
-            'machine': 'NVIDIA H100 80GB HBM3; torch 2.11.0+cu130',
-            'world_size': 1,
-            'git_commit': '00cc3fe08e8ca2f8ed590540f8174effba2f7b53-dirty',
-            'dtype': 'float16',
-            'dataset_sha256': 'bb033266dbb26aa71223ff120c0df4e7d3943dbd93b9e65984876854c6234931',
         },
         recipe='aff-zoo train --accum-steps 1 --amp --amp-dtype bfloat16 --backbone-lr-scale 1.0 '
             '--batch-size 512 --channels-last --no-compile --crop-pad 4 --cutout 8 --data '
@@ -280,21 +261,12 @@ WEIGHTS: Tuple[Weights, ...] = (
         num_classes=10,
         dataset=_CIFAR10_JPEG,
         metrics={
+            **_E48_METRICS,
             'top1': 91.7,
             'top5': 99.6,
             'top1_flip': 92.08,
-            'split': 'last 500 images per class (sorted by name)',
-            'epochs': 48,
             'best_epoch': 48,
-            'train_images': 45000,
-            'val_images': 5000,
             'train_seconds': 263.3,
-            'device': 'cuda:0',
-            'machine': 'NVIDIA H100 80GB HBM3; torch 2.11.0+cu130',
-            'world_size': 1,
-            'git_commit': '00cc3fe08e8ca2f8ed590540f8174effba2f7b53-dirty',
-            'dtype': 'float16',
-            'dataset_sha256': 'bb033266dbb26aa71223ff120c0df4e7d3943dbd93b9e65984876854c6234931',
         },
         recipe='aff-zoo train --accum-steps 1 --amp --amp-dtype bfloat16 --backbone-lr-scale 1.0 '
             '--batch-size 512 --channels-last --no-compile --crop-pad 4 --cutout 8 --data '
