@@ -119,9 +119,11 @@ def _launch(run: Run, data: str, env: dict):
     cmd = [sys.executable, '-m', 'aff_zoo.cli', 'train', '--recipe', run.recipe, '--model', run.model,
            '--seed', str(run.seed), '--data', data, '--output', run.out, '--resume', '--no-progress',
            '--device', DEVICE, *(['--epochs', str(EPOCHS)] if EPOCHS else []), *EXTRA]
-    log = open(os.path.join(run.out, 'stdout.log'), 'a')
-    run.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    run.state, run.started, run.base = 'running', time.time(), run.epochs_done()
+    run.base = run.epochs_done()  # before the child can add one
+    with open(os.path.join(run.out, 'stdout.log'), 'a') as log:  # the child keeps its own descriptor
+        run.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+    run.state, run.started = 'running', time.time()
 
 
 def _watch(runs, deadline: float, poll: float, stops: bool = True):

@@ -38,8 +38,8 @@ def save_pretrained(
 ) -> Weights:
     """Write ``folder`` as its Hub repo holds it: ``model.safetensors``, ``config.json`` (timm's format:
     architecture, num_classes, num_features, pretrained_cfg) and ``README.md`` (the model card), plus
-    ``training_curves.png`` when ``curves`` is given; ``dtype`` is the stored precision. Returns the ``Weights`` record describing the file
-    (paste it into ``aff_zoo/models/weights.py`` to register it)."""
+    ``training_curves.png`` when ``curves`` is given; ``dtype`` is the stored precision. Returns the
+    ``Weights`` record describing the file (paste it into ``aff_zoo/models/weights.py`` to register it)."""
     from timm.models import save_for_hf
     folder = Path(folder)
     cfg = dict(model.pretrained_cfg)
