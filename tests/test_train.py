@@ -352,3 +352,7 @@ def test_resnet9_recipe_prints_pages_settings(capsys):
     assert main(['train', '--recipe', 'cifar10-r9-e96', '--model', 'aff_resnet9', '--data', 'x', '--output', 'y',
                  '--print-command']) == 0
     assert _segments(capsys.readouterr().out.strip().split(': ', 1)[1]) ^ printed == {'--epochs 24', '--epochs 96'}
+    assert main(['train', '--recipe', 'cifar10-r9-e96-cutout12', '--model', 'aff_resnet9', '--data', 'x',
+                 '--output', 'y', '--print-command']) == 0
+    assert _segments(capsys.readouterr().out.strip().split(': ', 1)[1]) ^ printed == {
+        '--epochs 24', '--epochs 96', '--cutout 8', '--cutout 12'}
