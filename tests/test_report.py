@@ -33,6 +33,10 @@ def test_ablation_table_pools_seeds(tmp_path):
     readme.write_text('x\n<!-- ablation-table:start -->\nold\n<!-- ablation-table:end -->\ny\n')
     assert main(['runs-table', str(tmp_path / '*'), '--readme', str(readme)]) == 0
     assert 'old' not in readme.read_text() and '71.00 ± 1.41' in readme.read_text()
+    readme.write_text('<!-- ablation-table:start -->\nkept\n<!-- ablation-table:end -->\n'
+                      '<!-- second-table:start -->\nold\n<!-- second-table:end -->\n')
+    assert main(['runs-table', str(tmp_path / '*'), '--doc', str(readme), '--section', 'second-table']) == 0
+    assert 'kept' in readme.read_text() and 'old' not in readme.read_text()
 
 
 def test_mixed_recipes_and_missing_markers_are_refused(tmp_path):
@@ -96,3 +100,5 @@ def test_docs_tables_are_generated_from_the_committed_runs():
     assert read_section(page, 'ablation-table').strip() == ablation.strip()
     assert read_section(page, 'checkpoints-table').strip() == checkpoints.strip()
     assert len(load_runs([str(runs / '*')])) == 12  # add, AFF, iAFF x 3 seeds; SE, SK, local x 1
+    thin = root / 'runs' / 'cifar10-e12' / '*_resnet20-s*'
+    assert read_section(page, 'ablation-e12-table').strip() == ablation_table(load_runs([str(thin)])).strip()

@@ -4,7 +4,7 @@
 val top-1 mean ± sample std over seeds, the paired difference to the addition baseline of the same architecture
 (same seeds), params and training images/s; ``--kind checkpoints`` prints one
 row per run. ``--doc docs/training.md`` replaces the text between ``<!-- {kind}-table:start -->`` and
-``<!-- {kind}-table:end -->`` instead of printing.
+``<!-- {kind}-table:end -->`` instead of printing (``--section NAME``: other markers).
 """
 import glob
 import json
@@ -37,10 +37,10 @@ def load_runs(paths: Sequence[str]) -> List[Dict]:
 
 
 def _recipe_key(m: Dict) -> str:
-    from ..training.train import TrainConfig
+    from ..training.train import RESUME_FREE, TrainConfig
     from dataclasses import asdict
     c = {**asdict(TrainConfig()), **m['config']}  # a field added later (cutout) has its default in older runs
-    for k in ('seed', 'command', 'progress', 'log_interval', 'eval_batch_size'):
+    for k in ('seed', *RESUME_FREE):  # the seed, and what changes how a run executes but not what it learns
         c.pop(k, None)
     return json.dumps([c, m.get('train_images')], sort_keys=True)
 
@@ -129,7 +129,7 @@ def _cmd_runs_table(args) -> int:
         if args.readme:
             with open(args.readme) as f:
                 text = f.read()
-            new = replace_section(text, f'{args.kind}-table', table)
+            new = replace_section(text, args.section or f'{args.kind}-table', table)
             atomic_write_text(args.readme, new)
         else:
             print(table)
@@ -148,5 +148,7 @@ def register_cli(subparsers):
     p.add_argument('--doc', '--readme', dest='readme', metavar='PAGE',
                    help='replace the table between this page\'s <!-- KIND-table:start/end --> markers '
                         '(docs/training.md holds both tables)')
+    p.add_argument('--section', metavar='NAME',
+                   help='markers <!-- NAME:start/end --> instead of KIND-table (a page with two tables of one kind)')
     p.set_defaults(func=_cmd_runs_table)
     return p
