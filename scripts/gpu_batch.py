@@ -11,7 +11,8 @@ A lent GPU comes with minutes, not hours, and gives back only a few small files.
 5. packs what came back into ``--results``: ``runs.tar.gz`` (every run folder without its checkpoint and
    weights), the weights of the finished runs of ``--weights-tiers`` as float16 safetensors
    (``<recipe>.<model>-s<seed>.fp16.safetensors``: half the size; ``aff-zoo evaluate`` them again after
-   the return), and ``summary.json`` (device, MPS, every run's state, accuracy and wall time).
+   the return), ``summary.json`` (device, MPS, every run's state, accuracy and wall time, GPU utilisation)
+   and ``gpu.csv`` (``nvidia-smi`` samples every 2 s).
 
     export AFF_ZOO_GIT_COMMIT=<the commit sent>  # the copy there sits on another commit: runs record this one
     python scripts/gpu_batch.py --data cifar10-train-jpeg.tar.gz --runs-dir runs --results $OUT --deadline 470 \\
@@ -114,6 +115,35 @@ def _start_mps(env: dict) -> str:
     return f'off (failed: {why[0]})'
 
 
+def _start_gpu_log(results: str):
+    """``nvidia-smi`` sampling utilisation and memory every 2 s into ``gpu.csv``: whether the runs fill the GPU
+    (more runs per call) or leave it idle (fewer, or a faster input path). None where there is no nvidia-smi."""
+    if shutil.which('nvidia-smi') is None:
+        return None
+    os.makedirs(results, exist_ok=True)
+    with open(os.path.join(results, 'gpu.csv'), 'w') as f:
+        return subprocess.Popen(['nvidia-smi', '--query-gpu=utilization.gpu,memory.used', '--format=csv,noheader,nounits',
+                                 '-lms', '2000'], stdout=f, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def gpu_use(path: str) -> dict:
+    """Mean and median GPU utilisation (%) and peak memory (MiB) of the samples in ``gpu.csv``."""
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                row = [float(x) for x in line.split(',')]
+            except ValueError:
+                continue
+            if len(row) == 2:  # not a line cut short when the sampler was stopped
+                rows.append(row)
+    if not rows:
+        return dict(samples=0)
+    util = sorted(r[0] for r in rows)
+    return dict(samples=len(rows), util_mean=round(sum(util) / len(util), 1), util_median=util[len(util) // 2],
+                memory_max_mib=max(r[1] for r in rows))
+
+
 def _launch(run: Run, data: str, env: dict):
     os.makedirs(run.out, exist_ok=True)
     cmd = [sys.executable, '-m', 'aff_zoo.cli', 'train', '--recipe', run.recipe, '--model', run.model,
@@ -163,13 +193,13 @@ def _watch(runs, deadline: float, poll: float, stops: bool = True):
         time.sleep(poll)
 
 
-def _pack(runs, results: str, weights_tiers, mps: str, started: float):
+def _pack(runs, results: str, weights_tiers, mps: str, started: float, gpu=None):
     import torch
     from safetensors.torch import load_file, save_file
     from aff_zoo.utils import machine_line
     os.makedirs(results, exist_ok=True)
     summary = dict(machine=machine_line('cuda') if torch.cuda.is_available() else machine_line('cpu'),
-                   mps=mps, wall_seconds=round(time.time() - started, 1), runs=[])
+                   mps=mps, wall_seconds=round(time.time() - started, 1), gpu=gpu, runs=[])
     with tarfile.open(os.path.join(results, 'runs.tar.gz'), 'w:gz') as tar:
         for r in runs:
             if os.path.isdir(r.out):
@@ -260,13 +290,19 @@ def main(argv=None):
         else:
             _launch(r, args.data, env)
     print(f'[{_clock()}] started {sum(r.state == "running" for r in runs)} runs', flush=True)
+    smi = _start_gpu_log(args.results) if args.device == 'cuda' else None
     try:
         _watch(runs, deadline, args.poll, stops=not args.no_stops)
     finally:
         for r in runs:
             if r.state == 'running':
                 r.stop('driver ended')
-        summary = _pack(runs, args.results, {int(t) for t in args.weights_tiers.split(',') if t}, mps, _T0)
+        gpu = None
+        if smi is not None:
+            smi.terminate()
+            smi.wait(timeout=10)
+            gpu = gpu_use(os.path.join(args.results, 'gpu.csv'))
+        summary = _pack(runs, args.results, {int(t) for t in args.weights_tiers.split(',') if t}, mps, _T0, gpu)
         if mps == 'on':
             subprocess.run(['nvidia-cuda-mps-control'], input='quit\n', text=True, env=env, timeout=30)
     print(json.dumps(summary, indent=1))

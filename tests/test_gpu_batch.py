@@ -38,6 +38,7 @@ def test_two_tiers_on_cpu_pack_logs_and_float16_weights(tmp_path):
     summary = json.loads((out / 'summary.json').read_text())
     assert [r['state'] for r in summary['runs']] == ['finished'] * 3
     assert summary['mps'] == 'off (--no-mps)' and 'torch' in summary['machine']
+    assert summary['gpu'] is None  # no GPU sampled on --device cpu
     # tier 0 comes back with float16 weights equal to the run's own up to rounding; tier 1 as logs only
     name = 'cifar10-e12.aff_resnet8-s0.fp16.safetensors'
     assert sorted(os.listdir(out)) == sorted(['runs.tar.gz', 'summary.json', name,
@@ -61,6 +62,16 @@ def test_two_tiers_on_cpu_pack_logs_and_float16_weights(tmp_path):
                if v.is_floating_point())
     assert (home / 'cifar10-e12' / 'iaff_resnet8-s1' / 'metrics.json').is_file()
     assert not (home / 'cifar10-e12' / 'iaff_resnet8-s1' / 'model.safetensors').exists()
+
+
+def test_gpu_use_summarises_nvidia_smi_samples(tmp_path):
+    """The format of `nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader,nounits`; a last
+    line cut short by the sampler's stop is skipped."""
+    csv = tmp_path / 'gpu.csv'
+    csv.write_text('0, 1200\n90, 30000\n100, 41000\n96, 40000\n9')
+    assert _module().gpu_use(str(csv)) == dict(samples=4, util_mean=71.5, util_median=96.0, memory_max_mib=41000.0)
+    csv.write_text('')
+    assert _module().gpu_use(str(csv)) == dict(samples=0)
 
 
 def test_projection_and_the_stop_rule(monkeypatch):
