@@ -9,7 +9,7 @@ A lent GPU comes with minutes, not hours, and gives back only a few small files.
 4. watches the window: a run of a lower tier (a later ``--tier``) that cannot finish before the deadline is
    stopped, and so is the lowest-priority run still going whenever a tier-0 run is projected to miss it,
 5. packs what came back into ``--results``: ``runs.tar.gz`` (every run folder without its checkpoint and
-   weights), the weights of the finished runs of ``--weights-tiers`` as float16 safetensors
+   weights), the weights of the finished runs of ``--weights-tiers`` (or of the best tier) as float16 safetensors
    (``<recipe>.<model>-s<seed>.fp16.safetensors``: half the size; ``aff-zoo evaluate`` them again after
    the return), ``summary.json`` (device, MPS, every run's state, accuracy and wall time, GPU utilisation)
    and ``gpu.csv`` (``nvidia-smi`` samples every 2 s).
@@ -193,6 +193,21 @@ def _watch(runs, deadline: float, poll: float, stops: bool = True):
         time.sleep(poll)
 
 
+def best_tier(runs) -> int:
+    """The tier whose runs all finished with the highest mean best val top-1 (0 where none did): with
+    ``--weights-tiers best``, the one set of weights that comes back when two sets would not fit (64 MiB)."""
+    scores = {}
+    for t in sorted({r.tier for r in runs}):
+        tier = [r for r in runs if r.tier == t]
+        if all(r.finished() for r in tier):
+            top1 = []
+            for r in tier:
+                with open(os.path.join(r.out, 'metrics.json')) as f:
+                    top1.append(json.load(f)['val_top1'])
+            scores[t] = sum(top1) / len(top1)
+    return max(scores, key=lambda t: (scores[t], -t)) if scores else 0
+
+
 def _pack(runs, results: str, weights_tiers, mps: str, started: float, gpu=None):
     import torch
     from safetensors.torch import load_file, save_file
@@ -258,7 +273,9 @@ def main(argv=None):
     p.add_argument('--tier', action='append',
                    help='comma-separated recipe/model:seed runs; the first --tier has the highest priority')
     p.add_argument('--deadline', type=float, help='seconds from the start by which all is packed')
-    p.add_argument('--weights-tiers', default='0', help='comma-separated tiers whose weights are packed')
+    p.add_argument('--weights-tiers', default='0',
+                   help='comma-separated tiers whose weights are packed, or "best": the finished tier with the highest '
+                        'mean val top-1 (the return takes 64 MiB: three ResNet-9s in float16, not six)')
     p.add_argument('--no-mps', action='store_true')
     p.add_argument('--no-stops', action='store_true',
                    help='stop runs at the deadline only: for runs meant to go on in a second call on the warm machine '
@@ -302,7 +319,9 @@ def main(argv=None):
             smi.terminate()
             smi.wait(timeout=10)
             gpu = gpu_use(os.path.join(args.results, 'gpu.csv'))
-        summary = _pack(runs, args.results, {int(t) for t in args.weights_tiers.split(',') if t}, mps, _T0, gpu)
+        tiers = {best_tier(runs)} if args.weights_tiers == 'best' else {
+            int(t) for t in args.weights_tiers.split(',') if t}
+        summary = _pack(runs, args.results, tiers, mps, _T0, gpu)
         if mps == 'on':
             subprocess.run(['nvidia-cuda-mps-control'], input='quit\n', text=True, env=env, timeout=30)
     print(json.dumps(summary, indent=1))

@@ -123,3 +123,23 @@ def test_without_stops_only_the_deadline_ends_runs(monkeypatch, tmp_path):
     runs = fake_runs()
     gb._watch(runs, time.time() + 3, 0.2)
     assert runs[1].state.startswith('stopped: projected') and runs[0].state == 'stopped: deadline'
+
+
+def test_best_tier_is_the_finished_set_with_the_highest_mean_top1(tmp_path):
+    """--weights-tiers best: only one set of three ResNet-9 weights fits the 64 MiB return."""
+    gb = _module()
+
+    def tiers(top1s):
+        runs = []
+        for t, (recipe, scores) in enumerate(top1s):
+            for model, top1 in zip(('add_resnet8', 'aff_resnet8'), scores):
+                r = gb.Run(f'{recipe}/{model}:0', t, str(tmp_path))
+                if top1 is not None:
+                    os.makedirs(r.out, exist_ok=True)
+                    with open(os.path.join(r.out, 'metrics.json'), 'w') as f:
+                        json.dump(dict(val_top1=top1), f)
+                runs.append(r)
+        return runs
+    assert gb.best_tier(tiers([('a', (90.0, 91.0)), ('b', (92.0, 90.5))])) == 1
+    assert gb.best_tier(tiers([('c', (91.0, 91.0)), ('d', (93.0, None))])) == 0  # d is unfinished
+    assert gb.best_tier(tiers([('e', (None, None))])) == 0
