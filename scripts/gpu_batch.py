@@ -67,6 +67,11 @@ class Run:
     def finished(self) -> bool:
         return os.path.exists(os.path.join(self.out, 'metrics.json'))
 
+    def metrics(self) -> dict:
+        """The finished run's metrics.json."""
+        with open(os.path.join(self.out, 'metrics.json')) as f:
+            return json.load(f)
+
     def projected_end(self, now: float) -> float:
         """When the run ends at its recent pace: unknown (now) before 3 epochs, unless it is slower than one
         epoch in 150 s; from 4 epochs on, the pace of the last 3 (start-up excluded, later stops counted)."""
@@ -122,8 +127,9 @@ def _start_gpu_log(results: str):
         return None
     os.makedirs(results, exist_ok=True)
     with open(os.path.join(results, 'gpu.csv'), 'w') as f:
-        return subprocess.Popen(['nvidia-smi', '--query-gpu=utilization.gpu,memory.used', '--format=csv,noheader,nounits',
-                                 '-lms', '2000'], stdout=f, stderr=subprocess.DEVNULL, start_new_session=True)
+        return subprocess.Popen(['nvidia-smi', '--query-gpu=utilization.gpu,memory.used',
+                                 '--format=csv,noheader,nounits', '-lms', '2000'],
+                                stdout=f, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
 def gpu_use(path: str) -> dict:
@@ -200,11 +206,7 @@ def best_tier(runs) -> int:
     for t in sorted({r.tier for r in runs}):
         tier = [r for r in runs if r.tier == t]
         if all(r.finished() for r in tier):
-            top1 = []
-            for r in tier:
-                with open(os.path.join(r.out, 'metrics.json')) as f:
-                    top1.append(json.load(f)['val_top1'])
-            scores[t] = sum(top1) / len(top1)
+            scores[t] = sum(r.metrics()['val_top1'] for r in tier) / len(tier)
     return max(scores, key=lambda t: (scores[t], -t)) if scores else 0
 
 
@@ -225,8 +227,7 @@ def _pack(runs, results: str, weights_tiers, mps: str, started: float, gpu=None)
         row = dict(run=r.name, tier=r.tier, state=r.state, epochs_done=r.epochs_done(), epochs=r.epochs_total(),
                    wall_seconds=round((r.ended or time.time()) - r.started, 1) if r.started else None)
         if r.finished():
-            with open(os.path.join(r.out, 'metrics.json')) as f:
-                m = json.load(f)
+            m = r.metrics()
             row.update(val_top1=m['val_top1'], val_top5=m['val_top5'], best_epoch=m['best_epoch'])
             if r.tier in weights_tiers:
                 sd = load_file(os.path.join(r.out, 'model.safetensors'))
