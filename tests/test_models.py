@@ -21,13 +21,14 @@ def _create(name, **kwargs):
 
 
 def test_registry_lists_every_model():
-    assert len(IMAGENET_MODELS) == 8 and len(CIFAR_MODELS) == 36
+    assert len(IMAGENET_MODELS) == 8 and len(CIFAR_MODELS) == 42
     registered = set(timm.list_models())
     assert set(ALL_MODELS) <= registered
     assert set(timm.list_models('*aff*')) >= {m for m in ALL_MODELS if 'aff' in m}
     assert 'aff_resnext50' in timm.list_models('aff_*')
     assert aff_zoo.list_models('iaff_resnet*') == ['iaff_resnet50', 'iaff_resnet101', 'iaff_resnet8',
-                                                   'iaff_resnet20', 'iaff_resnet32', 'iaff_resnet56', 'iaff_resnet9']
+                                                   'iaff_resnet20', 'iaff_resnet32', 'iaff_resnet56', 'iaff_resnet32_w4',
+                                                   'iaff_resnet9']
 
 
 @pytest.mark.parametrize('name', ALL_MODELS)

@@ -307,6 +307,8 @@ _BASE_ARCHS = {
     'resnet20': dict(layers=(3, 3, 3)),
     'resnet32': dict(layers=(5, 5, 5)),
     'resnet56': dict(layers=(9, 9, 9)),
+    # The authors' AFF-ResNet-32 (channel_times=4; 96.3 % on CIFAR-10 in 400 epochs): ResNet-32 at 4x width.
+    'resnet32_w4': dict(layers=(5, 5, 5), widths=(64, 128, 256), stem_width=64),
     'resnext20_32x4d': dict(
         layers=(2, 2, 2), widths=(64, 128, 256), block='bottleneck', stem_width=64,
         cardinality=32, base_width=4, fusion_r=16),
