@@ -356,3 +356,34 @@ def test_resnet9_recipe_prints_pages_settings(capsys):
                  '--output', 'y', '--print-command']) == 0
     assert _segments(capsys.readouterr().out.strip().split(': ', 1)[1]) ^ printed == {
         '--epochs 24', '--epochs 96', '--cutout 8', '--cutout 12'}
+
+
+def test_nonfinite_report_names_the_tensor_or_the_largest_running_variance():
+    from aff_zoo.training.train import nonfinite_report
+    model = _model()
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    bns[1].running_var.fill_(1e6)
+    names = {m: n for n, m in model.named_modules()}
+    report = nonfinite_report(model)
+    assert report.startswith('every tensor of the state is finite') and f'{names[bns[1]]}.running_var = 1e+06' in report
+    bns[2].running_mean[0] = float('nan')
+    assert nonfinite_report(model) == f'non-finite tensors in the model state: {names[bns[2]]}.running_mean'
+
+
+def test_nan_validation_loss_is_explained_once(small, tmp_path, capsys):
+    """Train mode normalises with batch statistics, eval mode with the running ones: a NaN in those breaks
+    only the validation (as iaff_resnet32_w4 on the H100). The run goes on and says why, once."""
+    from aff_zoo.training.train import TrainConfig, train
+    model = _model()
+    bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+    def poison(m, args):  # every training step leaves a NaN running variance behind
+        if m.training:
+            m.running_var.fill_(float('nan'))
+
+    bn.register_forward_pre_hook(poison)
+    train(model, *small, TrainConfig(epochs=2, batch_size=16, progress=False), str(tmp_path / 'run'))
+    log = json.loads((tmp_path / 'run' / 'log.json').read_text())
+    assert [math.isnan(r['val_loss']) for r in log] == [True, True] and log[-1]['train_loss'] > 0
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith('warning: the validation loss')]
+    assert len(err) == 1 and 'at epoch 1' in err[0] and 'running_var' in err[0], err

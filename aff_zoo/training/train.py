@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import csv
 import json
+import math
 import os
 import random
 import shlex
@@ -383,6 +384,7 @@ def train(
     global_batch = cfg.batch_size * world
     check_every = 1 if (device.type == 'cpu' and world == 1) else max(cfg.log_interval, 1)  # .item() syncs a GPU
     run_t0, run_images = time.perf_counter(), 0
+    warned_val = False
     for epoch in range(start_epoch, cfg.epochs):
         train_loader.set_epoch(epoch)
         # All randomness of an epoch comes from (seed, epoch, rank): resumed epochs replay exactly.
@@ -460,6 +462,10 @@ def train(
             eta_seconds=round((time.perf_counter() - run_t0) / (epoch + 1 - start_epoch) * (cfg.epochs - epoch - 1)),
         )
         rows.append(row)
+        if rank == 0 and not math.isfinite(row['val_loss']) and not warned_val:
+            warned_val = True  # once per run: the cause does not change from epoch to epoch
+            print(f'warning: the validation loss is {row["val_loss"]} at epoch {epoch + 1} although training '
+                  f'goes on: {nonfinite_report(eval_model)}.', file=sys.stderr, flush=True)
         is_best = row['val_top1'] > best['val_top1']
         if is_best:
             best = dict(val_top1=row['val_top1'], val_top5=row['val_top5'], val_loss=row['val_loss'],
@@ -507,6 +513,21 @@ def train(
 def _lr(optimizer: torch.optim.Optimizer) -> float:
     """The schedule's lr (groups with an ``lr_scale`` below 1 run at a fraction of it)."""
     return max(g['lr'] / g.get('lr_scale', 1.0) for g in optimizer.param_groups)
+
+
+def nonfinite_report(model: nn.Module) -> str:
+    """Why a validation loss came out NaN/inf while training went on (train mode uses batch statistics,
+    eval mode the running ones): the state's non-finite tensors, else its largest BN running variance."""
+    state = model.state_dict()
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        more = f' and {len(bad) - 5} more' if len(bad) > 5 else ''
+        return f'non-finite tensors in the model state: {", ".join(bad[:5])}{more}'
+    var = {k: float(v.max()) for k, v in state.items() if k.endswith('running_var') and v.numel()}
+    top = max(var, key=var.get) if var else None
+    return ('every tensor of the state is finite, so the evaluation forward pass itself overflows'
+            + (f' (largest BN running variance: {top} = {var[top]:.3g})' if top else '')
+            + '; evaluate the checkpoint in float32 (aff-zoo evaluate without --amp) to tell')
 
 
 def _check_finite(bad_step: torch.Tensor, world: int, epoch: int, steps: int, ckpt_path: str,
