@@ -230,3 +230,14 @@ def test_fusions_script(name):
     m = create_fusion(name, C, R).eval()
     x, y = torch.randn(2, C, 4, 4), torch.randn(2, C, 4, 4)
     torch.testing.assert_close(torch.jit.script(m)(x, y), m(x, y))
+
+
+@pytest.mark.parametrize('name', ['aff', 'iaff', 'local', 'sk'])
+def test_zero_init_last_makes_the_fusion_the_addition(name):
+    from aff_zoo.layers.fusion import zero_init_fusions
+    torch.manual_seed(0)
+    f = create_fusion(name, 16).train()
+    x, y = torch.randn(4, 16, 8, 8), torch.randn(4, 16, 8, 8)
+    assert (f(x, y) - (x + y)).abs().max() > 1e-2  # random attention: not the addition
+    assert zero_init_fusions(nn.Sequential(f, create_fusion('add', 16), create_fusion('se', 16))) == 1
+    torch.testing.assert_close(f(x, y), x + y)

@@ -26,7 +26,7 @@ from timm.models._features import feature_take_indices
 from timm.models import checkpoint_seq, register_model
 from timm.models.resnet import make_blocks
 
-from ..layers.fusion import FUSIONS, create_fusion
+from ..layers.fusion import FUSIONS, create_fusion, zero_init_fusions
 from ._builder import build_aff_model, check_image_batch, cifar_cfg, make_default_cfgs
 from .resnet import FusionBottleneck
 
@@ -153,6 +153,7 @@ class CifarNet(nn.Module):
             global_pool: str = 'avg',
             drop_rate: float = 0.,
             drop_path_rate: float = 0.,
+            zero_init_last: bool = True,
     ):
         super().__init__()
         if fusion not in FUSIONS:
@@ -199,15 +200,19 @@ class CifarNet(nn.Module):
 
         self.global_pool_type = global_pool
         self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
-        self.init_weights()
+        self.init_weights(zero_init_last)
 
-    def init_weights(self):
+    def init_weights(self, zero_init_last: bool = True):
+        """He init; with ``zero_init_last`` (timm's name) every selection fusion starts as the addition it
+        replaces, since random attentions in a deep stack multiply the gradient (``zero_init_fusions``)."""
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+        if zero_init_last:
+            zero_init_fusions(self)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False):

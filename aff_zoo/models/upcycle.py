@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from ..layers.fusion import MSCAM, SEFusion, _TwoWaySoftmax, iAFF
+from ..layers.fusion import SEFusion
 
 __all__ = ['upcycle', 'plain_keys', 'zero_fusion_logits', 'UpcycleError', 'parent_file', 'build_upcycled']
 
@@ -56,22 +56,8 @@ def zero_fusion_logits(model: nn.Module) -> int:
             raise UpcycleError(
                 f'{name}: fusion_scale={scale:g} makes a zero-logit fusion {scale / 2:g} * (x + y), not x + y; '
                 'upcycle with the default fusion_scale=2.')
-        # iAFF: only the outer MS-CAM. Its zero logits make the output x + y whatever the inner AFF gives, and
-        # an inner MS-CAM left at its initialisation gets gradients from step 2 on; zeroing it too would block
-        # its own inner layers until step 3 (the outer attention's zero last layers stop every gradient at step 1).
-        for m in (fusion.att2.modules() if isinstance(fusion, iAFF) else fusion.modules()):
-            if isinstance(m, MSCAM):
-                if m.local_att is not None:
-                    m.local_att.bn2.weight.zero_()
-                    m.local_att.bn2.bias.zero_()
-                if m.global_att is not None:
-                    m.global_att.conv2.weight.zero_()
-                    m.global_att.conv2.bias.zero_()
-                count += 1
-            elif isinstance(m, _TwoWaySoftmax):  # SK: equal logits for both inputs -> softmax 0.5 / 0.5
-                m.conv2.weight.zero_()
-                m.conv2.bias.zero_()
-                count += 1
+        fusion.zero_init_last()  # iAFF: the outer MS-CAM only (see iAFF.zero_init_last)
+        count += 1
     return count
 
 
