@@ -41,8 +41,8 @@ def probe(spec: str, images: torch.Tensor, labels: torch.Tensor, steps: int, bat
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
     running_var = max(float(b.max()) for k, b in model.named_buffers() if k.endswith('running_var'))
-    return dict(model=spec, stem=float(model.stem.conv.weight.detach().norm()), running_var=running_var, loss=float(loss),
-                seconds=time.time() - t0)
+    return dict(model=spec, stem=float(model.stem.conv.weight.detach().norm()), running_var=running_var,
+                loss=float(loss), seconds=time.time() - t0)
 
 
 def main():
@@ -57,7 +57,8 @@ def main():
     idx = torch.randperm(len(data.labels), generator=torch.Generator().manual_seed(0))[:args.steps * args.batch_size]
     first = timm.create_model(args.models[0].split(':')[0])
     cfg = first.pretrained_cfg
-    images = normalize(torch.from_numpy(np.asarray(data.images)[idx.numpy()]).permute(0, 3, 1, 2), cfg['mean'], cfg['std'])
+    images = normalize(torch.from_numpy(np.asarray(data.images)[idx.numpy()]).permute(0, 3, 1, 2),
+                       cfg['mean'], cfg['std'])
     labels = torch.from_numpy(np.asarray(data.labels)[idx.numpy()]).long()
     print(f'{args.steps} steps of {args.batch_size} images, lr rising to {args.lr}; stem weight norm at the start: '
           f'{float(first.stem.conv.weight.detach().norm()):.3g}')

@@ -26,9 +26,8 @@ def test_registry_lists_every_model():
     assert set(ALL_MODELS) <= registered
     assert set(timm.list_models('*aff*')) >= {m for m in ALL_MODELS if 'aff' in m}
     assert 'aff_resnext50' in timm.list_models('aff_*')
-    assert aff_zoo.list_models('iaff_resnet*') == ['iaff_resnet50', 'iaff_resnet101', 'iaff_resnet8',
-                                                   'iaff_resnet20', 'iaff_resnet32', 'iaff_resnet56', 'iaff_resnet32_w4',
-                                                   'iaff_resnet9']
+    assert aff_zoo.list_models('iaff_resnet*') == ['iaff_resnet50', 'iaff_resnet101', 'iaff_resnet8', 'iaff_resnet20',
+                                                   'iaff_resnet32', 'iaff_resnet56', 'iaff_resnet32_w4', 'iaff_resnet9']
 
 
 @pytest.mark.parametrize('name', ALL_MODELS)

@@ -98,12 +98,12 @@ _E12_NOTE = ('12 epochs (cosine schedule, seed 0) on the 45,000 training images,
              'class of the JPEG CIFAR-10 training set (the test split was not available).')
 
 _E96_NOTE = ("96 epochs of the cifar10-r9-e96-cutout12 recipe (Page's DAWNBench ResNet-9 recipe at four times the "
-             'epochs and with a 12 px cutout; seed 0, bfloat16 autocast) on one NVIDIA H100, beside the five other runs of '
-             'that lease (scripts/gpu_batch.py, CUDA MPS). The weights came back from the GPU machine rounded to '
-             'float16 and are stored so; top-1 is that of these rounded weights (aff-zoo evaluate, CPU, float32), the '
-             'best of the 96 epochs on the validation split (the last 500 images per class of the JPEG CIFAR-10 '
-             'training set; the test split was not available). Short of the 93 % that issue 13 asks for. They '
-             'replace the cifar10_e48 weights of the same networks (0.2-0.6 points lower; in git history).')
+             'epochs and with a 12 px cutout; seed 0, bfloat16 autocast) on one NVIDIA H100, beside the five other '
+             'runs of that lease (scripts/gpu_batch.py, CUDA MPS). The weights came back from the GPU machine rounded '
+             'to float16 and are stored so; top-1 is that of these rounded weights (aff-zoo evaluate, CPU, float32), '
+             'the best of the 96 epochs on the validation split (the last 500 images per class of the JPEG CIFAR-10 '
+             'training set; the test split was not available). Short of the 93 % that issue 13 asks for. They replace '
+             'the cifar10_e48 weights of the same networks (0.2-0.6 points lower; in git history).')
 _E12_METRICS = {  # what the three cifar10_e12 records share
     'split': 'last 500 images per class (sorted by name)',
     'epochs': 12,
