@@ -42,7 +42,7 @@ def probe(spec: str, images: torch.Tensor, labels: torch.Tensor, steps: int, bat
         opt.step()
     running_var = max(float(b.max()) for k, b in model.named_buffers() if k.endswith('running_var'))
     return dict(model=spec, stem=float(model.stem.conv.weight.detach().norm()), running_var=running_var,
-                loss=float(loss), seconds=time.time() - t0)
+                loss=float(loss.detach()), seconds=time.time() - t0)
 
 
 def main():
