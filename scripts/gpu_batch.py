@@ -18,7 +18,8 @@ A lent GPU comes with minutes, not hours, and gives back only a few small files.
     python scripts/gpu_batch.py --data cifar10-train-jpeg.tar.gz --runs-dir runs --results $OUT --deadline 470 \\
         --tier cifar10-r9-e48/aff_resnet9:0,cifar10-r9-e48/add_resnet9:0 --tier cifar10-r9-e48/aff_resnet9:1
 
-Rerunning it with the same ``--runs-dir`` resumes unfinished runs from their epoch checkpoints. Back on the
+The same command with ``--check``, run here before the lease, names every run and its epochs, or fails on an
+unknown recipe or model. Rerunning it with the same ``--runs-dir`` resumes unfinished runs from their epoch checkpoints. Back on the
 home machine, ``--unpack`` puts the returned folders under ``--runs-dir`` and each float16 file back as its
 run's ``model.safetensors`` (float32 again, values as rounded):
 
@@ -42,8 +43,10 @@ PACK_SECONDS = 25  # kept free at the end for packing
 
 class Run:
     def __init__(self, spec: str, tier: int, runs_dir: str):
-        recipe, rest = spec.split('/', 1)
-        self.model, seed = rest.split(':')
+        recipe, _, rest = spec.partition('/')
+        self.model, _, seed = rest.partition(':')
+        if not (recipe and self.model and seed.isdigit()):
+            raise ValueError(f'run {spec!r}: expected recipe/model:seed, e.g. cifar10-r9-e96/aff_resnet9:0')
         self.recipe, self.seed, self.tier = recipe, int(seed), tier
         self.name = f'{self.recipe}/{self.model}-s{self.seed}'
         self.out = os.path.join(runs_dir, self.recipe, f'{self.model}-s{self.seed}')
@@ -265,6 +268,18 @@ def unpack(results: str, runs_dir: str):
             print(f'{out}: {len(state)} tensors')
 
 
+def check(runs) -> None:
+    """Fails here, before a lent machine's minutes are spent, on a recipe or model that does not exist."""
+    import timm
+    import aff_zoo  # noqa: F401  (registers the models)
+    from aff_zoo.training.train import RECIPES
+    for r in runs:
+        if r.recipe not in RECIPES:
+            raise ValueError(f'run {r.name}: unknown recipe {r.recipe!r}; known: {", ".join(sorted(RECIPES))}')
+        if not timm.is_model(r.model):
+            raise ValueError(f'run {r.name}: unknown model {r.model!r}; `aff-zoo list` names the registered ones')
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--unpack', metavar='RESULTS', help='put a returned results folder under --runs-dir, and stop')
@@ -285,6 +300,8 @@ def main(argv=None):
     p.add_argument('--epochs', type=int, default=0, help='override every recipe\'s epochs (0: keep them)')
     p.add_argument('--extra', default='', help='more `aff-zoo train` options for every run, one string')
     p.add_argument('--poll', type=float, default=2.0)
+    p.add_argument('--check', action='store_true',
+                   help='check the runs\' recipes and models, print the plan and stop (run it here before a lease)')
     args = p.parse_args(argv)
     if args.unpack:
         unpack(args.unpack, args.runs_dir)
@@ -293,7 +310,16 @@ def main(argv=None):
         p.error('--data, --results, --tier and --deadline are needed to run (or --unpack RESULTS)')
     global EPOCHS, DEVICE, EXTRA
     EPOCHS, DEVICE, EXTRA = args.epochs, args.device, args.extra.split()
-    runs = [Run(s, t, args.runs_dir) for t, tier in enumerate(args.tier) for s in tier.split(',') if s]
+    try:
+        runs = [Run(s, t, args.runs_dir) for t, tier in enumerate(args.tier) for s in tier.split(',') if s]
+        check(runs)
+    except ValueError as e:
+        p.error(str(e))
+    if args.check:
+        for r in runs:
+            print(f'tier {r.tier}: {r.name}, {r.epochs_total()} epochs, {r.epochs_done()} done')
+        print(f'{len(runs)} runs; deadline {args.deadline:.0f} s; weights of tiers {args.weights_tiers}')
+        return 0
     deadline = _T0 + args.deadline - PACK_SECONDS
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
     env['PYTHONPATH'] = os.pathsep.join(x for x in (ROOT, env.get('PYTHONPATH')) if x)

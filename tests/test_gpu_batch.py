@@ -143,3 +143,36 @@ def test_best_tier_is_the_finished_set_with_the_highest_mean_top1(tmp_path):
     assert gb.best_tier(tiers([('a', (90.0, 91.0)), ('b', (92.0, 90.5))])) == 1
     assert gb.best_tier(tiers([('c', (91.0, 91.0)), ('d', (93.0, None))])) == 0  # d is unfinished
     assert gb.best_tier(tiers([('e', (None, None))])) == 0
+
+
+def _lease_command() -> list:
+    """The gpu_batch.py command of docs/cifar10-weights.md's next-lease plan, as arguments."""
+    import re
+    import shlex
+    text = open(os.path.join(ROOT, 'docs', 'cifar10-weights.md')).read()
+    section = text.split('## Next step on the next lease', 1)[1].split('\n## ', 1)[0]
+    blocks = re.findall(r'```bash\n(.*?)```', section, re.S)
+    line = next(b for b in blocks if 'scripts/gpu_batch.py' in b).replace('\\\n', ' ')
+    line = next(ln for ln in line.splitlines() if 'scripts/gpu_batch.py' in ln)
+    words = shlex.split(line)
+    return words[words.index('scripts/gpu_batch.py') + 1:]
+
+
+def test_the_documented_lease_plan_names_real_recipes_and_models(tmp_path, capsys):
+    args = [str(tmp_path) if a == '$OUT' else a for a in _lease_command()]
+    assert '--tier' in args
+    assert _module().main(args + ['--runs-dir', str(tmp_path / 'runs'), '--check']) == 0
+    out = capsys.readouterr().out
+    tiers = [a for i, a in enumerate(args) if i and args[i - 1] == '--tier']
+    specs = [s for t in tiers for s in t.split(',') if s]
+    assert out.count('tier 0:') == len(specs) and f'{len(specs)} runs' in out, out
+
+
+@pytest.mark.parametrize('spec, says', [('no-such-recipe/aff_resnet9:0', 'unknown recipe'),
+                                        ('cifar10-r9-e96/no_such_net:0', 'unknown model'),
+                                        ('cifar10-r9-e96/aff_resnet9', 'expected recipe/model:seed')])
+def test_a_bad_run_fails_before_anything_starts(tmp_path, capsys, spec, says):
+    with pytest.raises(SystemExit) as e:
+        _module().main(['--data', 'missing.tar.gz', '--results', str(tmp_path), '--deadline', '60',
+                        '--tier', spec, '--check'])
+    assert e.value.code == 2 and says in capsys.readouterr().err
