@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from aff_zoo.cli import main
-from aff_zoo.publish.report import ablation_table, load_runs
+from aff_zoo.publish.report import ablation_table, load_runs, paired_table
 from aff_zoo.utils import replace_section
 
 
@@ -88,6 +88,32 @@ def test_runs_from_before_a_new_config_field_share_the_recipe(tmp_path):
         ablation_table(load_runs([str(tmp_path / '*')]))
 
 
+def test_paired_table_compares_the_same_model_and_seed(tmp_path):
+    new, old = tmp_path / 'new', tmp_path / 'old'
+    new.mkdir(), old.mkdir()
+    for seed, a, b in [(0, 71.0, 70.0), (1, 72.0, 72.5)]:
+        _run(new, 'aff_resnet8', seed, a)
+        _run(old, 'aff_resnet8', seed, b)
+    _run(old, 'aff_resnet8', 2, 99.0)  # no partner: left out
+    _run(old, 'add_resnet8', 0, 10.0)  # another model: left out
+    table = paired_table(load_runs([str(new / '*')]), load_runs([str(old / '*')]))
+    row = next(l for l in table.splitlines() if l.startswith('| `'))
+    # differences +1.0 and -0.5: mean +0.25, sample std 1.06, t = 0.25 / (1.06 / sqrt 2) = 0.33
+    assert row == ('| `aff_resnet8` | 0: 71.00 / 70.00, 1: 72.00 / 72.50 | 71.50 | 71.25 | '
+                   '+0.25 ± 1.06 (2 seeds, t = 0.3) |')
+    readme = tmp_path / 'page.md'
+    readme.write_text('<!-- pairs:start -->\nold\n<!-- pairs:end -->\n')
+    assert main(['runs-table', str(new / '*'), '--against', str(old / '*'), '--doc', str(readme),
+                 '--section', 'pairs']) == 0
+    assert row in readme.read_text()
+    _run(new, 'se_resnet8', 0, 50.0)
+    with pytest.raises(ValueError, match='se_resnet8: no run of the same model and seed'):
+        paired_table(load_runs([str(new / '*')]), load_runs([str(old / '*')]))
+    _run(old, 'se_resnet8', 0, 50.0, lr=0.2)
+    with pytest.raises(ValueError, match='one recipe'):
+        paired_table(load_runs([str(new / '*')]), load_runs([str(old / '*')]))
+
+
 def test_docs_tables_are_generated_from_the_committed_runs():
     """docs/training.md's ablation and checkpoints tables equal what `aff-zoo runs-table` makes of runs/."""
     from aff_zoo.publish.report import checkpoint_table
@@ -103,3 +129,6 @@ def test_docs_tables_are_generated_from_the_committed_runs():
     assert len(load_runs([str(runs / '*')])) == 12  # add, AFF, iAFF x 3 seeds; SE, SK, local x 1
     thin = root / 'runs' / 'cifar10-e12' / '*_resnet20-s*'
     assert read_section(page, 'ablation-e12-table').strip() == ablation_table(load_runs([str(thin)])).strip()
+    zero = root / 'runs' / 'cifar10-e12-zero-init' / '*'
+    assert (read_section((root / 'docs' / 'cifar10-weights.md').read_text(), 'zero-init-table').strip()
+            == paired_table(load_runs([str(zero)]), load_runs([str(root / 'runs' / 'cifar10-e12' / '*')])).strip())

@@ -3,7 +3,7 @@
 ``aff-zoo runs-table --kind ablation RUN_DIR...`` groups runs by model (seeds pooled) and prints
 val top-1 mean ± sample std over seeds, the paired difference to the addition baseline of the same architecture
 (same seeds), params and training images/s; ``--kind checkpoints`` prints one
-row per run. ``--doc docs/training.md`` replaces the text between ``<!-- {kind}-table:start -->`` and
+row per run; ``--against RUN_DIR...`` pairs each model's runs with the same model and seeds there. ``--doc docs/training.md`` replaces the text between ``<!-- {kind}-table:start -->`` and
 ``<!-- {kind}-table:end -->`` instead of printing (``--section NAME``: other markers).
 """
 import glob
@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Sequence
 
 from ..utils import atomic_write_text, replace_section
 
-__all__ = ['load_runs', 'ablation_table', 'checkpoint_table', 'register_cli']
+__all__ = ['load_runs', 'ablation_table', 'paired_table', 'checkpoint_table', 'register_cli']
 
 
 def load_runs(paths: Sequence[str]) -> List[Dict]:
@@ -107,6 +107,37 @@ def ablation_table(runs: List[Dict], throughput: Optional[Dict] = None) -> str:
     return '\n'.join(lines)
 
 
+def paired_table(runs: List[Dict], against: List[Dict]) -> str:
+    """One row per model: these runs against the same model's runs of ``against`` with the same seeds, on one
+    recipe (what differs is the code, e.g. an initialisation: the git commits are listed)."""
+    if not runs or not against:
+        raise ValueError('No finished runs (metrics.json) found on one side of the comparison.')
+    if len({_recipe_key(m) for m in runs + against}) > 1:
+        raise ValueError('The two sets of runs do not share one recipe (apart from the seed); '
+                         'pass same-recipe run directories.')
+    against = [m for m in against if m['model'] in {r['model'] for r in runs}]
+    lines = ['| model | seeds (top-1 these / against) | val top-1 (%) these, mean | against, same seeds, mean | '
+             'these minus against (points) |', '|---|---|---|---|---|']
+    for model in sorted({m['model'] for m in runs}):
+        ms = sorted((m for m in runs if m['model'] == model), key=lambda m: m['config']['seed'])
+        by_seed = {m['config']['seed']: m['val_top1'] for m in against if m['model'] == model}
+        pairs = [(m['config']['seed'], m['val_top1'], by_seed[m['config']['seed']])
+                 for m in ms if m['config']['seed'] in by_seed]
+        if not pairs:
+            raise ValueError(f'{model}: no run of the same model and seed to compare with.')
+        seeds = ', '.join(f'{s}: {a:.2f} / {b:.2f}' for s, a, b in pairs)
+        lines.append(f'| `{model}` | {seeds} | {statistics.mean(a for _, a, _ in pairs):.2f} | '
+                     f'{statistics.mean(b for _, _, b in pairs):.2f} | '
+                     f'{paired_difference(ms, [m for m in against if m["model"] == model])} |')
+    def commits(rs):
+        return ', '.join(sorted({r['git_commit'][:7] for r in rs}))
+    c = runs[0]['config']
+    lines += ['', f'Recipe (all runs): {c["epochs"]} epochs, batch {c["batch_size"]}, {c["opt"]} lr {c["lr"]}; '
+                  f'validated on {runs[0]["val_images"]:,} images. git: these {commits(runs)}, '
+                  f'against {commits(against)}.']
+    return '\n'.join(lines)
+
+
 def checkpoint_table(runs: List[Dict]) -> str:
     lines = ['| model | val top-1 (%) | val top-5 (%) | best epoch / epochs | train images | params | '
              'train hours | train images/s (fastest epoch) | run dir |', '|---|---|---|---|---|---|---|---|---|']
@@ -125,7 +156,10 @@ def _cmd_runs_table(args) -> int:
         if args.throughput:
             with open(args.throughput) as f:
                 throughput = json.load(f)
-        table = ablation_table(runs, throughput) if args.kind == 'ablation' else checkpoint_table(runs)
+        if args.against:
+            table = paired_table(runs, load_runs(args.against))
+        else:
+            table = ablation_table(runs, throughput) if args.kind == 'ablation' else checkpoint_table(runs)
         if args.readme:
             with open(args.readme) as f:
                 text = f.read()
@@ -144,6 +178,8 @@ def register_cli(subparsers):
                               description=__doc__.splitlines()[0])
     p.add_argument('runs', nargs='+', help='run directories holding metrics.json (globs allowed)')
     p.add_argument('--kind', choices=('ablation', 'checkpoints'), default='ablation')
+    p.add_argument('--against', nargs='+', metavar='RUN_DIR',
+                   help='a paired table instead: each model of RUNS against its runs here with the same seeds')
     p.add_argument('--throughput', help='JSON written by scripts/benchmark_train_step.py (adds a column)')
     p.add_argument('--doc', '--readme', dest='readme', metavar='PAGE',
                    help='replace the table between this page\'s <!-- KIND-table:start/end --> markers '
