@@ -2,8 +2,9 @@
 
 ``aff-zoo runs-table --kind ablation RUN_DIR...`` groups runs by model (seeds pooled) and prints
 val top-1 mean ± sample std over seeds, the paired difference to the addition baseline of the same architecture
-(same seeds), params and training images/s; ``--kind checkpoints`` prints one
-row per run; ``--against RUN_DIR...`` pairs each model's runs with the same model and seeds there. ``--doc docs/training.md`` replaces the text between ``<!-- {kind}-table:start -->`` and
+(same seeds), params and training images/s; ``--kind checkpoints`` prints one row per run;
+``--against RUN_DIR...`` pairs each model's runs with the same model and seeds there.
+``--doc docs/training.md`` replaces the text between ``<!-- {kind}-table:start -->`` and
 ``<!-- {kind}-table:end -->`` instead of printing (``--section NAME``: other markers).
 """
 import glob
@@ -129,12 +130,10 @@ def paired_table(runs: List[Dict], against: List[Dict]) -> str:
         lines.append(f'| `{model}` | {seeds} | {statistics.mean(a for _, a, _ in pairs):.2f} | '
                      f'{statistics.mean(b for _, _, b in pairs):.2f} | '
                      f'{paired_difference(ms, [m for m in against if m["model"] == model])} |')
-    def commits(rs):
-        return ', '.join(sorted({r['git_commit'][:7] for r in rs}))
+    these, other = (', '.join(sorted({r['git_commit'][:7] for r in rs})) for rs in (runs, against))
     c = runs[0]['config']
     lines += ['', f'Recipe (all runs): {c["epochs"]} epochs, batch {c["batch_size"]}, {c["opt"]} lr {c["lr"]}; '
-                  f'validated on {runs[0]["val_images"]:,} images. git: these {commits(runs)}, '
-                  f'against {commits(against)}.']
+                  f'validated on {runs[0]["val_images"]:,} images. git: these {these}, against {other}.']
     return '\n'.join(lines)
 
 
