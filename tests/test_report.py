@@ -129,6 +129,9 @@ def test_docs_tables_are_generated_from_the_committed_runs():
     assert len(load_runs([str(runs / '*')])) == 12  # add, AFF, iAFF x 3 seeds; SE, SK, local x 1
     thin = root / 'runs' / 'cifar10-e12' / '*_resnet20-s*'
     assert read_section(page, 'ablation-e12-table').strip() == ablation_table(load_runs([str(thin)])).strip()
+    zero_vs_add = [str(root / 'runs' / 'cifar10-e12' / 'add_resnet20-s*'),
+                   str(root / 'runs' / 'cifar10-e12-zero-init' / '*aff_resnet20-s*')]
+    assert read_section(page, 'ablation-e12-zero-table').strip() == ablation_table(load_runs(zero_vs_add)).strip()
     zero = root / 'runs' / 'cifar10-e12-zero-init' / '*'
     assert (read_section((root / 'docs' / 'cifar10-weights.md').read_text(), 'zero-init-table').strip()
             == paired_table(load_runs([str(zero)]), load_runs([str(root / 'runs' / 'cifar10-e12' / '*')])).strip())
