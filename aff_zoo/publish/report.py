@@ -121,15 +121,15 @@ def paired_table(runs: List[Dict], against: List[Dict]) -> str:
              'these minus against (points) |', '|---|---|---|---|---|']
     for model in sorted({m['model'] for m in runs}):
         ms = sorted((m for m in runs if m['model'] == model), key=lambda m: m['config']['seed'])
-        by_seed = {m['config']['seed']: m['val_top1'] for m in against if m['model'] == model}
+        base = [m for m in against if m['model'] == model]
+        by_seed = {m['config']['seed']: m['val_top1'] for m in base}
         pairs = [(m['config']['seed'], m['val_top1'], by_seed[m['config']['seed']])
                  for m in ms if m['config']['seed'] in by_seed]
         if not pairs:
             raise ValueError(f'{model}: no run of the same model and seed to compare with.')
         seeds = ', '.join(f'{s}: {a:.2f} / {b:.2f}' for s, a, b in pairs)
         lines.append(f'| `{model}` | {seeds} | {statistics.mean(a for _, a, _ in pairs):.2f} | '
-                     f'{statistics.mean(b for _, _, b in pairs):.2f} | '
-                     f'{paired_difference(ms, [m for m in against if m["model"] == model])} |')
+                     f'{statistics.mean(b for _, _, b in pairs):.2f} | {paired_difference(ms, base)} |')
     these, other = (', '.join(sorted({r['git_commit'][:7] for r in rs})) for rs in (runs, against))
     c = runs[0]['config']
     lines += ['', f'Recipe (all runs): {c["epochs"]} epochs, batch {c["batch_size"]}, {c["opt"]} lr {c["lr"]}; '
