@@ -18,7 +18,7 @@ def test_list_prints_every_model(capsys):
     assert out.splitlines()[0].split()[:3] == ['model', 'family', 'fusion']
     names = [line.split()[0] for line in out.splitlines()[1:]]
     assert names == ['iaff_resnet50', 'iaff_resnet101', 'iaff_resnet8', 'iaff_resnet20', 'iaff_resnet32',
-                     'iaff_resnet56', 'iaff_resnet32_w4', 'iaff_resnet9']
+                     'iaff_resnet56', 'iaff_resnet32_w4', 'iaff_resnet9', 'iaff_resnet11']
 
 
 def test_list_unknown_pattern_is_a_clear_error(capsys):

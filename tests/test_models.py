@@ -21,13 +21,14 @@ def _create(name, **kwargs):
 
 
 def test_registry_lists_every_model():
-    assert len(IMAGENET_MODELS) == 8 and len(CIFAR_MODELS) == 42
+    assert len(IMAGENET_MODELS) == 8 and len(CIFAR_MODELS) == 48
     registered = set(timm.list_models())
     assert set(ALL_MODELS) <= registered
     assert set(timm.list_models('*aff*')) >= {m for m in ALL_MODELS if 'aff' in m}
     assert 'aff_resnext50' in timm.list_models('aff_*')
     assert aff_zoo.list_models('iaff_resnet*') == ['iaff_resnet50', 'iaff_resnet101', 'iaff_resnet8', 'iaff_resnet20',
-                                                   'iaff_resnet32', 'iaff_resnet56', 'iaff_resnet32_w4', 'iaff_resnet9']
+                                                   'iaff_resnet32', 'iaff_resnet56', 'iaff_resnet32_w4', 'iaff_resnet9',
+                                                   'iaff_resnet11']
 
 
 @pytest.mark.parametrize('name', ALL_MODELS)
@@ -151,11 +152,14 @@ def test_wrong_channel_count_is_a_clear_error():
         _create('aff_resnet8')(torch.randn(1, 1, 32, 32))
 
 
-def test_resnet9_is_pages_network_with_the_fusion_in_its_residual_blocks():
-    """add_resnet9 against a hand-written forward of Page's DAWNBench ResNet-9 (pool before BN here); aff_resnet9
-    differs only in the fusion of the two residual blocks, and keeps max pooling when its head is replaced."""
+@pytest.mark.parametrize('arch, widths, res_stages', [('resnet9', [64, 128, 256, 512], (0, 2)),
+                                                      ('resnet11', [64, 128, 384, 512], (0, 1, 2))])
+def test_resnet9_and_11_are_conv_pool_stages_with_the_fusion_in_their_residual_blocks(arch, widths, res_stages):
+    """add_resnet9 against a hand-written forward of Page's DAWNBench ResNet-9 (pool before BN here), add_resnet11
+    against airbench96's shape (widths 128/384/512, a residual block in every stage) built from the same pieces;
+    aff_* differs only in the fusion of the residual blocks, and keeps max pooling when its head is replaced."""
     import torch.nn.functional as F
-    model = _create('add_resnet9').eval()
+    model = _create(f'add_{arch}').eval()
     for m in model.modules():  # non-trivial BN statistics, so that a misplaced BN shows
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-0.2, 0.2), m.running_var.uniform_(0.5, 2.0), m.bias.data.uniform_(-0.2, 0.2)
@@ -166,21 +170,21 @@ def test_resnet9_is_pages_network_with_the_fusion_in_its_residual_blocks():
     h = cbr(model.stem.conv, model.stem.bn, x)
     for i, stage in enumerate(model.stages):
         h = F.relu(stage.bn(F.max_pool2d(stage.conv(h), 2)))
-        if i in (0, 2):
+        if i in res_stages:
             b = stage.block
             h = h + cbr(b.conv2, b.bn2, cbr(b.conv1, b.bn1, h))
         else:
             assert not hasattr(stage, 'block')
     ref = model.fc(h.amax((2, 3))) * 0.125
-    assert [c.shape[1] for c in model.forward_intermediates(x, intermediates_only=True)] == [64, 128, 256, 512]
+    assert [c.shape[1] for c in model.forward_intermediates(x, intermediates_only=True)] == widths
     torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-5)
-    aff = _create('aff_resnet9')
-    assert type(aff.stages[0].block.fusion).__name__ == 'AFF' and type(aff.stages[2].block.fusion).__name__ == 'AFF'
-    assert sorted(n for n, _ in aff.named_modules() if n.endswith('.fusion')) == [
-        'stages.0.block.fusion', 'stages.2.block.fusion']
+    aff = _create(f'aff_{arch}')
+    fusions = [f'stages.{i}.block.fusion' for i in res_stages]
+    assert sorted(n for n, _ in aff.named_modules() if n.endswith('.fusion')) == fusions
+    assert all(type(aff.get_submodule(n)).__name__ == 'AFF' for n in fusions)
     aff.reset_classifier(4)
     assert aff.global_pool.pool_type == 'max' and aff(torch.randn(2, 3, 32, 32)).shape == (2, 4)
-    assert timm.create_model('aff_resnet9').pretrained_cfg['pool_size'] == (4, 4)
+    assert timm.create_model(f'aff_{arch}').pretrained_cfg['pool_size'] == (4, 4)
 
 
 @pytest.mark.parametrize('name', ['aff_resnet20', 'iaff_resnet20', 'sk_resnet8', 'local_resnet8', 'iaff_resnet50'])

@@ -356,6 +356,11 @@ def test_resnet9_recipe_prints_pages_settings(capsys):
                  '--output', 'y', '--print-command']) == 0
     assert _segments(capsys.readouterr().out.strip().split(': ', 1)[1]) ^ printed == {
         '--epochs 24', '--epochs 96', '--cutout 8', '--cutout 12'}
+    # the ResNet-11 recipe is the published ResNet-9 one: only the network differs
+    assert main(['train', '--recipe', 'cifar10-r11-e96', '--model', 'aff_resnet9', '--data', 'x',
+                 '--output', 'y', '--print-command']) == 0
+    assert _segments(capsys.readouterr().out.strip().split(': ', 1)[1]) ^ printed == {
+        '--epochs 24', '--epochs 96', '--cutout 8', '--cutout 12'}
 
 
 def test_nonfinite_report_names_the_tensor_or_the_largest_running_variance():
