@@ -8,18 +8,20 @@ A lent GPU comes with minutes, not hours, and gives back only a few small files.
 3. starts every run at once, each its own process with `--device cuda --no-progress --resume`,
 4. watches the window: a run of a lower tier (a later ``--tier``) that cannot finish before the deadline is
    stopped, and so is the lowest-priority run still going whenever a tier-0 run is projected to miss it,
-5. packs what came back into ``--results``: ``runs.tar.gz`` (every run folder without its checkpoint and
-   weights), the weights of the finished runs of ``--weights-tiers`` (or of the best tier) as float16 safetensors
-   (``<recipe>.<model>-s<seed>.fp16.safetensors``: half the size; ``aff-zoo evaluate`` them again after
-   the return), ``summary.json`` (device, MPS, every run's state, accuracy and wall time, GPU utilisation)
-   and ``gpu.csv`` (``nvidia-smi`` samples every 2 s).
+5. packs what came back into ``--results``, within what a lent machine returns (8 files of 16 MiB, 64 MiB):
+   ``runs.tar.gz`` (every run folder without its checkpoint and weights, and ``gpu.csv``, the ``nvidia-smi``
+   samples every 2 s), the weights of the finished runs of ``--weights-tiers`` (or of the best tier) as float16
+   safetensors (``<recipe>.<model>-s<seed>.fp16.safetensors``, half the size, or in parts
+   ``...fp16-1of2.safetensors`` where a file would pass 16 MiB; ``aff-zoo evaluate`` them again after the
+   return; weights that would overrun the return are left out, and ``--check`` says so beforehand) and
+   ``summary.json`` (device, MPS, every run's state, accuracy and wall time, GPU utilisation).
 
     export AFF_ZOO_GIT_COMMIT=<the commit sent>  # the copy there sits on another commit: runs record this one
     python scripts/gpu_batch.py --data cifar10-train-jpeg.tar.gz --runs-dir runs --results $OUT --deadline 470 \\
         --tier cifar10-r9-e48/aff_resnet9:0,cifar10-r9-e48/add_resnet9:0 --tier cifar10-r9-e48/aff_resnet9:1
 
 The same command with ``--check``, run here before the lease, names every run and its epochs, or fails on an
-unknown recipe or model. Rerunning it with the same ``--runs-dir`` resumes unfinished runs from their epoch
+unknown recipe or model, or on weights that would not fit the return. Rerunning it with the same ``--runs-dir`` resumes unfinished runs from their epoch
 checkpoints. Back on the home machine, ``--unpack`` puts the returned folders under ``--runs-dir`` and each
 float16 file back as its run's ``model.safetensors`` (float32 again, values as rounded):
 
@@ -39,6 +41,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 PACK_SECONDS = 25  # kept free at the end for packing
+# What a lent machine gives back (.library/device/README.md); a part stays 1 MiB under the file limit for its header.
+RETURN_FILES, RETURN_FILE_BYTES, RETURN_BYTES = 8, 16 << 20, 64 << 20
+PART_BYTES = RETURN_FILE_BYTES - (1 << 20)
 
 
 class Run:
@@ -123,13 +128,13 @@ def _start_mps(env: dict) -> str:
     return f'off (failed: {why[0]})'
 
 
-def _start_gpu_log(results: str):
-    """``nvidia-smi`` sampling utilisation and memory every 2 s into ``gpu.csv``: whether the runs fill the GPU
+def _start_gpu_log(path: str):
+    """``nvidia-smi`` sampling utilisation and memory every 2 s into ``path``: whether the runs fill the GPU
     (more runs per call) or leave it idle (fewer, or a faster input path). None where there is no nvidia-smi."""
     if shutil.which('nvidia-smi') is None:
         return None
-    os.makedirs(results, exist_ok=True)
-    with open(os.path.join(results, 'gpu.csv'), 'w') as f:
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    with open(path, 'w') as f:
         return subprocess.Popen(['nvidia-smi', '--query-gpu=utilization.gpu,memory.used',
                                  '--format=csv,noheader,nounits', '-lms', '2000'],
                                 stdout=f, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -213,19 +218,42 @@ def best_tier(runs) -> int:
     return max(scores, key=lambda t: (scores[t], -t)) if scores else 0
 
 
-def _pack(runs, results: str, weights_tiers, mps: str, started: float, gpu=None):
+def parts(state: dict, limit: int = 0) -> list:
+    """``state`` cut, in key order, into dicts of at most ``limit`` (``PART_BYTES``) bytes of tensor data each."""
+    limit = limit or PART_BYTES
+    out, size = [{}], 0
+    for k, v in state.items():
+        n = v.numel() * v.element_size()
+        if n > limit:
+            raise ValueError(f'tensor {k} has {n} bytes, more than one returned file holds ({limit})')
+        if size + n > limit:
+            out, size = out + [{}], 0
+        out[-1][k], size = v, size + n
+    return out
+
+
+def _part_names(run, n: int) -> list:
+    stem = f'{run.recipe}.{run.model}-s{run.seed}.fp16'
+    return [f'{stem}.safetensors'] if n == 1 else [f'{stem}-{i}of{n}.safetensors' for i in range(1, n + 1)]
+
+
+def _pack(runs, results: str, weights_tiers, mps: str, started: float, gpu=None, gpu_csv=None):
     import torch
     from safetensors.torch import load_file, save_file
     from aff_zoo.utils import machine_line
     os.makedirs(results, exist_ok=True)
     summary = dict(machine=machine_line('cuda') if torch.cuda.is_available() else machine_line('cpu'),
                    mps=mps, wall_seconds=round(time.time() - started, 1), gpu=gpu, runs=[])
-    with tarfile.open(os.path.join(results, 'runs.tar.gz'), 'w:gz') as tar:
+    tar_path = os.path.join(results, 'runs.tar.gz')
+    with tarfile.open(tar_path, 'w:gz') as tar:
         for r in runs:
             if os.path.isdir(r.out):
                 tar.add(r.out, arcname=os.path.join(r.recipe, os.path.basename(r.out)),
                         filter=lambda ti: None if os.path.basename(ti.name) in (
                             'checkpoint.pt', 'model.safetensors', '.lock') else ti)
+        if gpu_csv and os.path.exists(gpu_csv):
+            tar.add(gpu_csv, arcname='gpu.csv')
+    files, size = 2, os.path.getsize(tar_path) + (1 << 20)  # the tar and summary.json (1 MiB kept for it)
     for r in runs:
         row = dict(run=r.name, tier=r.tier, state=r.state, epochs_done=r.epochs_done(), epochs=r.epochs_total(),
                    wall_seconds=round((r.ended or time.time()) - r.started, 1) if r.started else None)
@@ -236,14 +264,22 @@ def _pack(runs, results: str, weights_tiers, mps: str, started: float, gpu=None)
                 sd = load_file(os.path.join(r.out, 'model.safetensors'))
                 half = {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}
                 bad = [k for k, v in half.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+                pieces = parts(half)
+                need = sum(v.numel() * v.element_size() for v in half.values()) + len(pieces) * (64 << 10)
                 if bad:
                     row['weights'] = f'not packed: float16 overflows in {bad[:3]}'
+                elif files + len(pieces) > RETURN_FILES or size + need > RETURN_BYTES:
+                    row['weights'] = (f'not packed: {len(pieces)} more files would pass the return\'s '
+                                      f'{RETURN_FILES} files or {RETURN_BYTES >> 20} MiB')
                 else:
                     err = max(((half[k].float() - v).abs().max() / v.abs().max().clamp_min(1e-12)).item()
                               for k, v in sd.items() if v.is_floating_point() and v.numel())
-                    name = f'{r.recipe}.{r.model}-s{r.seed}.fp16.safetensors'
-                    save_file(half, os.path.join(results, name), metadata=dict(source='aff_zoo gpu_batch.py'))
-                    row.update(weights=name, fp16_max_rel_error=err)
+                    names = _part_names(r, len(pieces))
+                    for name, piece in zip(names, pieces):
+                        save_file(piece, os.path.join(results, name), metadata=dict(source='aff_zoo gpu_batch.py'))
+                        size += os.path.getsize(os.path.join(results, name))
+                    files += len(pieces)
+                    row.update(weights=names if len(names) > 1 else names[0], fp16_max_rel_error=err)
         summary['runs'].append(row)
     with open(os.path.join(results, 'summary.json'), 'w') as f:
         json.dump(summary, f, indent=1)
@@ -251,21 +287,31 @@ def _pack(runs, results: str, weights_tiers, mps: str, started: float, gpu=None)
 
 
 def unpack(results: str, runs_dir: str):
-    """The returned run folders under ``runs_dir``; each ``<recipe>.<model>-s<seed>.fp16.safetensors`` as its
-    run's float32 ``model.safetensors``."""
+    """The returned run folders under ``runs_dir``; each run's float16 weights (one file or its parts) as its
+    float32 ``model.safetensors``."""
+    import re
     from safetensors.torch import load_file
     from aff_zoo.utils import save_safetensors
     with tarfile.open(os.path.join(results, 'runs.tar.gz')) as tar:
-        tar.extractall(runs_dir, filter='data')
+        tar.extractall(runs_dir, members=[m for m in tar.getmembers() if m.name != 'gpu.csv'], filter='data')
+    weights = {}
     for name in sorted(os.listdir(results)):
-        if name.endswith('.fp16.safetensors'):
-            recipe, run = name[:-len('.fp16.safetensors')].split('.', 1)
-            state = {k: v.float() if v.is_floating_point() else v
-                     for k, v in load_file(os.path.join(results, name)).items()}
-            out = os.path.join(runs_dir, recipe, run, 'model.safetensors')
-            save_safetensors(state, out, metadata=dict(precision='trained on a GPU, rounded to float16 for the '
-                                                                 'return trip (scripts/gpu_batch.py)'))
-            print(f'{out}: {len(state)} tensors')
+        m = re.fullmatch(r'(.+?)\.(.+)\.fp16(?:-(\d+)of(\d+))?\.safetensors', name)
+        if m:
+            weights.setdefault((m[1], m[2]), []).append((int(m[3] or 1), int(m[4] or 1), name))
+    for (recipe, run), found in sorted(weights.items()):
+        n = found[0][1]
+        if sorted(i for i, _, _ in found) != list(range(1, n + 1)):
+            raise SystemExit(f'{recipe}/{run}: parts {sorted(i for i, _, _ in found)} of {n} came back; '
+                             'the weights are incomplete, so none were written')
+        state = {}
+        for _, _, name in sorted(found):
+            state.update({k: v.float() if v.is_floating_point() else v
+                          for k, v in load_file(os.path.join(results, name)).items()})
+        out = os.path.join(runs_dir, recipe, run, 'model.safetensors')
+        save_safetensors(state, out, metadata=dict(precision='trained on a GPU, rounded to float16 for the '
+                                                             'return trip (scripts/gpu_batch.py)'))
+        print(f'{out}: {len(state)} tensors from {n} file(s)')
 
 
 def check(runs) -> None:
@@ -278,6 +324,24 @@ def check(runs) -> None:
             raise ValueError(f'run {r.name}: unknown recipe {r.recipe!r}; known: {", ".join(sorted(RECIPES))}')
         if not timm.is_model(r.model):
             raise ValueError(f'run {r.name}: unknown model {r.model!r}; `aff-zoo list` names the registered ones')
+
+
+def weights_return(runs, weights_tiers: str):
+    """(files, MiB) that the packed float16 weights will take if every run of ``weights_tiers`` finishes (the
+    largest tier, for ``best``), counted from the models' tensors before the lease."""
+    import timm
+    tiers = sorted({r.tier for r in runs})
+    chosen = [[t] for t in tiers] if weights_tiers == 'best' else [[int(t) for t in weights_tiers.split(',') if t]]
+    sizes = {}
+    for r in runs:
+        if r.model not in sizes:
+            sd = timm.create_model(r.model).state_dict()
+            half = {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}
+            sizes[r.model] = (len(parts(half)), sum(v.numel() * v.element_size() for v in half.values()))
+    plans = [(sum(sizes[r.model][0] for r in runs if r.tier in ts), sum(sizes[r.model][1] for r in runs
+                                                                        if r.tier in ts)) for ts in chosen]
+    files, size = max(plans)
+    return files, size / (1 << 20)
 
 
 def main(argv=None):
@@ -318,7 +382,13 @@ def main(argv=None):
     if args.check:
         for r in runs:
             print(f'tier {r.tier}: {r.name}, {r.epochs_total()} epochs, {r.epochs_done()} done')
-        print(f'{len(runs)} runs; deadline {args.deadline:.0f} s; weights of tiers {args.weights_tiers}')
+        files, mib = weights_return(runs, args.weights_tiers)
+        print(f'{len(runs)} runs; deadline {args.deadline:.0f} s; weights of tiers {args.weights_tiers}: '
+              f'{files} files, {mib:.1f} MiB')
+        if files + 2 > RETURN_FILES or mib + 1 > RETURN_BYTES >> 20:
+            p.error(f'the weights of tiers {args.weights_tiers} take {files} files and {mib:.1f} MiB, but a lent '
+                    f'machine returns {RETURN_FILES} files (runs.tar.gz and summary.json among them) and '
+                    f'{RETURN_BYTES >> 20} MiB: pack fewer runs\' weights (--weights-tiers) or split the tiers')
         return 0
     deadline = _T0 + args.deadline - PACK_SECONDS
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
@@ -334,7 +404,8 @@ def main(argv=None):
         else:
             _launch(r, args.data, env)
     print(f'[{_clock()}] started {sum(r.state == "running" for r in runs)} runs', flush=True)
-    smi = _start_gpu_log(args.results) if args.device == 'cuda' else None
+    gpu_csv = os.path.join(args.runs_dir, 'gpu.csv')  # into runs.tar.gz at the end: a returned file fewer
+    smi = _start_gpu_log(gpu_csv) if args.device == 'cuda' else None
     try:
         _watch(runs, deadline, args.poll, stops=not args.no_stops)
     finally:
@@ -345,10 +416,10 @@ def main(argv=None):
         if smi is not None:
             smi.terminate()
             smi.wait(timeout=10)
-            gpu = gpu_use(os.path.join(args.results, 'gpu.csv'))
+            gpu = gpu_use(gpu_csv)
         tiers = {best_tier(runs)} if args.weights_tiers == 'best' else {
             int(t) for t in args.weights_tiers.split(',') if t}
-        summary = _pack(runs, args.results, tiers, mps, _T0, gpu)
+        summary = _pack(runs, args.results, tiers, mps, _T0, gpu, gpu_csv)
         if mps == 'on':
             subprocess.run(['nvidia-cuda-mps-control'], input='quit\n', text=True, env=env, timeout=30)
     print(json.dumps(summary, indent=1))

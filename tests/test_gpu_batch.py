@@ -176,3 +176,72 @@ def test_a_bad_run_fails_before_anything_starts(tmp_path, capsys, spec, says):
         _module().main(['--data', 'missing.tar.gz', '--results', str(tmp_path), '--deadline', '60',
                         '--tier', spec, '--check'])
     assert e.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_weights_over_a_returned_file_come_back_in_parts_and_whole(tmp_path, monkeypatch):
+    """A float16 file over 16 MiB (aff_resnet11: 19.8 MiB) is cut into parts that unpack joins; gpu.csv rides in
+    runs.tar.gz (a returned file fewer); weights past the return's 8 files are left out and say why; a missing
+    part writes nothing."""
+    import timm
+    from aff_zoo.utils import save_safetensors
+    gb = _module()
+    runs = []
+    for i, model in enumerate(('aff_resnet8', 'add_resnet8', 'iaff_resnet8')):
+        r = gb.Run(f'cifar10-e12/{model}:0', 0, str(tmp_path / 'runs'))
+        os.makedirs(r.out)
+        with open(os.path.join(r.out, 'metrics.json'), 'w') as f:
+            json.dump(dict(val_top1=90.0 + i, val_top5=99.0, best_epoch=2), f)
+        (tmp_path / 'runs' / 'cifar10-e12' / f'{model}-s0' / 'log.csv').write_text('epoch\n1\n2\n')
+        torch.manual_seed(i)
+        save_safetensors(timm.create_model(model).state_dict(), os.path.join(r.out, 'model.safetensors'))
+        r.state = 'finished'
+        runs.append(r)
+    monkeypatch.setattr(gb, 'PART_BYTES', 80_000)  # ResNet-8s in float16: 150-200 kB, so several parts each
+    halves = [{k: v.half() if v.is_floating_point() else v for k, v in load_file(r.out + '/model.safetensors').items()}
+              for r in runs]
+    n_parts = [len(gb.parts(h)) for h in halves]
+    assert min(n_parts) >= 2
+    monkeypatch.setattr(gb, 'RETURN_FILES', 2 + n_parts[0] + n_parts[1])  # room for two runs' parts, not three
+    csv = tmp_path / 'runs' / 'gpu.csv'
+    csv.write_text('90, 1000\n')
+    out = tmp_path / 'out'
+    summary = gb._pack(runs, str(out), {0}, 'off', time.time(), gpu_csv=str(csv))
+    rows = {r['run']: r for r in summary['runs']}
+    aff = rows['cifar10-e12/aff_resnet8-s0']['weights']
+    assert isinstance(aff, list) and len(aff) == n_parts[0] and aff[0].endswith('.fp16-1of%d.safetensors' % len(aff))
+    assert isinstance(rows['cifar10-e12/add_resnet8-s0']['weights'], list)
+    assert rows['cifar10-e12/iaff_resnet8-s0']['weights'].startswith('not packed:')
+    files = sorted(os.listdir(out))
+    assert len(files) == gb.RETURN_FILES and 'gpu.csv' not in files
+    assert all(os.path.getsize(out / f) <= gb.RETURN_FILE_BYTES for f in files)
+    with tarfile.open(out / 'runs.tar.gz') as tar:
+        assert 'gpu.csv' in tar.getnames()
+    home = tmp_path / 'home'
+    assert gb.main(['--unpack', str(out), '--runs-dir', str(home)]) == 0
+    assert not (home / 'gpu.csv').exists()
+    back = load_file(home / 'cifar10-e12' / 'aff_resnet8-s0' / 'model.safetensors')
+    full = load_file(runs[0].out + '/model.safetensors')
+    assert back.keys() == full.keys()
+    assert all(torch.equal(back[k], v.half().float() if v.is_floating_point() else v) for k, v in full.items())
+    assert not (home / 'cifar10-e12' / 'iaff_resnet8-s0' / 'model.safetensors').exists()
+    # a part lost on the way: nothing is written for that run
+    partial = tmp_path / 'partial'
+    partial.mkdir()
+    for f in files:
+        if not f.endswith('-2of%d.safetensors' % len(aff)) or 'aff_resnet8' not in f:
+            (partial / f).write_bytes((out / f).read_bytes())
+    with pytest.raises(SystemExit, match='incomplete'):
+        gb.unpack(str(partial), str(tmp_path / 'home2'))
+
+
+def test_check_refuses_a_plan_whose_weights_overrun_the_return(tmp_path, capsys):
+    """Three *_resnet11 fit (6 parts, 59.5 MiB); a fourth run's weights would not, and --check says so here."""
+    args = ['--data', 'x.tar.gz', '--results', str(tmp_path), '--deadline', '540', '--runs-dir', str(tmp_path),
+            '--check', '--tier', 'cifar10-r11-e96/aff_resnet11:0,cifar10-r11-e96/iaff_resnet11:0,'
+                                 'cifar10-r11-e96/add_resnet11:0']
+    assert _module().main(args) == 0
+    assert 'weights of tiers 0: 6 files, 59.5 MiB' in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        _module().main(args[:-1] + [args[-1] + ',cifar10-r9-e96/add_resnet9:0'])
+    assert e.value.code == 2 and 'pack fewer' in capsys.readouterr().err
+    assert _module().main(args[:-1] + [args[-1], '--tier', 'cifar10-r9-e96/add_resnet9:0']) == 0
