@@ -115,7 +115,7 @@ def test_paired_table_compares_the_same_model_and_seed(tmp_path):
 
 
 def test_docs_tables_are_generated_from_the_committed_runs():
-    """docs/training.md's ablation and checkpoints tables equal what `aff-zoo runs-table` makes of runs/."""
+    """The generated tables of docs/training.md and docs/cifar10-weights.md equal what `aff-zoo runs-table` makes of runs/."""
     from aff_zoo.publish.report import checkpoint_table
     from aff_zoo.utils import read_section
     root = Path(__file__).resolve().parents[1]
@@ -135,3 +135,6 @@ def test_docs_tables_are_generated_from_the_committed_runs():
     zero = root / 'runs' / 'cifar10-e12-zero-init' / '*'
     assert (read_section((root / 'docs' / 'cifar10-weights.md').read_text(), 'zero-init-table').strip()
             == paired_table(load_runs([str(zero)]), load_runs([str(root / 'runs' / 'cifar10-e12' / '*')])).strip())
+    r11 = root / 'runs' / 'cifar10-r11-e8-cpu' / '*'
+    assert (read_section((root / 'docs' / 'cifar10-weights.md').read_text(), 'resnet11-e8-table').strip()
+            == ablation_table(load_runs([str(r11)])).strip())
