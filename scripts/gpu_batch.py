@@ -20,10 +20,11 @@ A lent GPU comes with minutes, not hours, and gives back only a few small files.
     python scripts/gpu_batch.py --data cifar10-train-jpeg.tar.gz --runs-dir runs --results $OUT --deadline 470 \\
         --tier cifar10-r9-e48/aff_resnet9:0,cifar10-r9-e48/add_resnet9:0 --tier cifar10-r9-e48/aff_resnet9:1
 
-The same command with ``--check``, run here before the lease, names every run and its epochs, or fails on an
-unknown recipe or model, or on weights that would not fit the return. Rerunning it with the same ``--runs-dir`` resumes unfinished runs from their epoch
-checkpoints. Back on the home machine, ``--unpack`` puts the returned folders under ``--runs-dir`` and each
-float16 file back as its run's ``model.safetensors`` (float32 again, values as rounded):
+The same command with ``--check``, run here before the lease, names every run and its epochs and the size of
+the weights that will come back, or fails on an unknown recipe or model, or on weights that would not fit the
+return. Rerunning it with the same ``--runs-dir`` resumes unfinished runs from their epoch checkpoints. Back on
+the home machine, ``--unpack`` puts the returned folders under ``--runs-dir`` and each run's float16 weights
+(one file or its parts) back as its ``model.safetensors`` (float32 again, values as rounded):
 
     python scripts/gpu_batch.py --unpack /work/.device/1 --runs-dir runs
 """

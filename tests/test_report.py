@@ -115,7 +115,8 @@ def test_paired_table_compares_the_same_model_and_seed(tmp_path):
 
 
 def test_docs_tables_are_generated_from_the_committed_runs():
-    """The generated tables of docs/training.md and docs/cifar10-weights.md equal what `aff-zoo runs-table` makes of runs/."""
+    """The generated tables of docs/training.md and docs/cifar10-weights.md equal what `aff-zoo runs-table`
+    makes of runs/."""
     from aff_zoo.publish.report import checkpoint_table
     from aff_zoo.utils import read_section
     root = Path(__file__).resolve().parents[1]
