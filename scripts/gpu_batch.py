@@ -383,7 +383,10 @@ def main(argv=None):
     if args.check:
         for r in runs:
             print(f'tier {r.tier}: {r.name}, {r.epochs_total()} epochs, {r.epochs_done()} done')
-        files, mib = weights_return(runs, args.weights_tiers)
+        try:
+            files, mib = weights_return(runs, args.weights_tiers)
+        except ValueError as e:  # a tensor larger than one returned file
+            p.error(str(e))
         print(f'{len(runs)} runs; deadline {args.deadline:.0f} s; weights of tiers {args.weights_tiers}: '
               f'{files} files, {mib:.1f} MiB')
         if files + 2 > RETURN_FILES or mib + 1 > RETURN_BYTES >> 20:

@@ -245,3 +245,12 @@ def test_check_refuses_a_plan_whose_weights_overrun_the_return(tmp_path, capsys)
         _module().main(args[:-1] + [args[-1] + ',cifar10-r9-e96/add_resnet9:0'])
     assert e.value.code == 2 and 'pack fewer' in capsys.readouterr().err
     assert _module().main(args[:-1] + [args[-1], '--tier', 'cifar10-r9-e96/add_resnet9:0']) == 0
+
+
+def test_check_names_a_tensor_larger_than_one_returned_file(tmp_path, capsys, monkeypatch):
+    gb = _module()
+    monkeypatch.setattr(gb, 'PART_BYTES', 1000)  # smaller than aff_resnet8's largest conv (64x64x3x3 in float16)
+    with pytest.raises(SystemExit) as e:
+        gb.main(['--data', 'x.tar.gz', '--results', str(tmp_path), '--deadline', '60', '--runs-dir', str(tmp_path),
+                 '--check', '--tier', 'cifar10-e12/aff_resnet8:0'])
+    assert e.value.code == 2 and 'more than one returned file holds' in capsys.readouterr().err

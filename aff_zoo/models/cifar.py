@@ -331,7 +331,8 @@ _ARCHS = {
     f'{fusion}_{base}': dict(arch, fusion=fusion) for base, arch in _BASE_ARCHS.items() for fusion in FUSIONS
 }
 
-_CFG_OVERRIDES = {'resnet9': dict(pool_size=(4, 4)), 'resnet11': dict(pool_size=(4, 4))}  # pretrained_cfg fields that differ from cifar_cfg's
+# pretrained_cfg fields that differ from cifar_cfg's
+_CFG_OVERRIDES = {'resnet9': dict(pool_size=(4, 4)), 'resnet11': dict(pool_size=(4, 4))}
 
 default_cfgs = {}
 for _base in _BASE_ARCHS:
