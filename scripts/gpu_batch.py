@@ -219,12 +219,21 @@ def best_tier(runs) -> int:
     return max(scores, key=lambda t: (scores[t], -t)) if scores else 0
 
 
+def _half(state: dict) -> dict:
+    """The float tensors of ``state`` in float16, the rest as they are: what comes back from a lease."""
+    return {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def _nbytes(state: dict) -> int:
+    return sum(v.numel() * v.element_size() for v in state.values())
+
+
 def parts(state: dict, limit: int = 0) -> list:
     """``state`` cut, in key order, into dicts of at most ``limit`` (``PART_BYTES``) bytes of tensor data each."""
     limit = limit or PART_BYTES
     out, size = [{}], 0
     for k, v in state.items():
-        n = v.numel() * v.element_size()
+        n = _nbytes({k: v})
         if n > limit:
             raise ValueError(f'tensor {k} has {n} bytes, more than one returned file holds ({limit})')
         if size + n > limit:
@@ -263,10 +272,10 @@ def _pack(runs, results: str, weights_tiers, mps: str, started: float, gpu=None,
             row.update(val_top1=m['val_top1'], val_top5=m['val_top5'], best_epoch=m['best_epoch'])
             if r.tier in weights_tiers:
                 sd = load_file(os.path.join(r.out, 'model.safetensors'))
-                half = {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}
+                half = _half(sd)
                 bad = [k for k, v in half.items() if v.is_floating_point() and not torch.isfinite(v).all()]
                 pieces = parts(half)
-                need = sum(v.numel() * v.element_size() for v in half.values()) + len(pieces) * (64 << 10)
+                need = _nbytes(half) + len(pieces) * (64 << 10)
                 if bad:
                     row['weights'] = f'not packed: float16 overflows in {bad[:3]}'
                 elif files + len(pieces) > RETURN_FILES or size + need > RETURN_BYTES:
@@ -336,9 +345,8 @@ def weights_return(runs, weights_tiers: str):
     sizes = {}
     for r in runs:
         if r.model not in sizes:
-            sd = timm.create_model(r.model).state_dict()
-            half = {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}
-            sizes[r.model] = (len(parts(half)), sum(v.numel() * v.element_size() for v in half.values()))
+            half = _half(timm.create_model(r.model).state_dict())
+            sizes[r.model] = (len(parts(half)), _nbytes(half))
     plans = [(sum(sizes[r.model][0] for r in runs if r.tier in ts), sum(sizes[r.model][1] for r in runs
                                                                         if r.tier in ts)) for ts in chosen]
     files, size = max(plans)

@@ -133,9 +133,9 @@ def test_docs_tables_are_generated_from_the_committed_runs():
     zero_vs_add = [str(root / 'runs' / 'cifar10-e12' / 'add_resnet20-s*'),
                    str(root / 'runs' / 'cifar10-e12-zero-init' / '*aff_resnet20-s*')]
     assert read_section(page, 'ablation-e12-zero-table').strip() == ablation_table(load_runs(zero_vs_add)).strip()
+    weights_page = (root / 'docs' / 'cifar10-weights.md').read_text()
     zero = root / 'runs' / 'cifar10-e12-zero-init' / '*'
-    assert (read_section((root / 'docs' / 'cifar10-weights.md').read_text(), 'zero-init-table').strip()
+    assert (read_section(weights_page, 'zero-init-table').strip()
             == paired_table(load_runs([str(zero)]), load_runs([str(root / 'runs' / 'cifar10-e12' / '*')])).strip())
     r11 = root / 'runs' / 'cifar10-r11-e8-cpu' / '*'
-    assert (read_section((root / 'docs' / 'cifar10-weights.md').read_text(), 'resnet11-e8-table').strip()
-            == ablation_table(load_runs([str(r11)])).strip())
+    assert read_section(weights_page, 'resnet11-e8-table').strip() == ablation_table(load_runs([str(r11)])).strip()

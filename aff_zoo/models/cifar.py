@@ -331,8 +331,9 @@ _ARCHS = {
     f'{fusion}_{base}': dict(arch, fusion=fusion) for base, arch in _BASE_ARCHS.items() for fusion in FUSIONS
 }
 
-# pretrained_cfg fields that differ from cifar_cfg's
-_CFG_OVERRIDES = {'resnet9': dict(pool_size=(4, 4)), 'resnet11': dict(pool_size=(4, 4))}
+# pretrained_cfg fields that differ from cifar_cfg's: conv-pool networks pool three times, 32 -> 4
+_CFG_OVERRIDES = {base: dict(pool_size=(4, 4)) for base, arch in _BASE_ARCHS.items()
+                  if arch.get('block') == 'conv_pool'}
 
 default_cfgs = {}
 for _base in _BASE_ARCHS:
