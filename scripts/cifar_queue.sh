@@ -14,19 +14,18 @@ DATA=${DATA:-../shared/data/cifar10-train-jpeg.tar.gz}
 OUT=${OUT:-runs}
 PY=${PY:-python}
 WORKERS=${WORKERS:-2}
-THREADS=${THREADS:-1}  # per run: 1 for the thin ResNet-20s, WORKERS=1 THREADS=2 finishes one ResNet-9 sooner
+THREADS=${THREADS:-1}  # per run: 1 for the thin ResNet-20s, WORKERS=1 THREADS=2 finishes one ResNet-11 sooner
 # torch.compile for these recipes only (measured on this CPU, docs/cifar10-weights.md: 1.13-1.2x for the fp32
 # ResNet-20s, 0.8x for the bfloat16 ResNet-9s). It does not change a run's recipe; a resumed run may switch it.
 COMPILE=${COMPILE:-cifar10-e12}
-# The thin-network ablation on CPU (ResNet-20, 12 epochs: seeds 0-2 of add/AFF/iAFF, then SE/SK/local), then the
-# ResNet-9 set at 96 epochs: the next step to 93 % (the 48-epoch set, trained on a lent H100, ended at 91.2-91.8 %;
-# docs/cifar10-weights.md). On this CPU a 96-epoch ResNet-9 takes about 5 h with WORKERS=1 THREADS=2; a GPU lease
-# (scripts/gpu_batch.py) does the whole set in minutes.
+# The thin-network ablation on CPU (ResNet-20, 12 epochs: seeds 0-2 of add/AFF/iAFF, then SE/SK/local; done), then
+# the ResNet-11 set at 96 epochs, the CPU road to 93 % (docs/cifar10-weights.md): about 6.5 h a run with
+# WORKERS=1 THREADS=2 on this CPU. A GPU lease (scripts/gpu_batch.py) does the set in minutes.
 RUNS=${RUNS:-"cifar10-e12/add_resnet20:0 cifar10-e12/aff_resnet20:0 cifar10-e12/iaff_resnet20:0
   cifar10-e12/add_resnet20:1 cifar10-e12/aff_resnet20:1 cifar10-e12/iaff_resnet20:1
   cifar10-e12/add_resnet20:2 cifar10-e12/aff_resnet20:2 cifar10-e12/iaff_resnet20:2
   cifar10-e12/se_resnet20:0 cifar10-e12/sk_resnet20:0 cifar10-e12/local_resnet20:0
-  cifar10-r9-e96/aff_resnet9:0 cifar10-r9-e96/iaff_resnet9:0 cifar10-r9-e96/add_resnet9:0"}
+  cifar10-r11-e96/aff_resnet11:0 cifar10-r11-e96/iaff_resnet11:0 cifar10-r11-e96/add_resnet11:0"}
 $PY -c "import sys; from aff_zoo.data import load_images; load_images(sys.argv[1])" "$DATA"  # decode once
 worker() {
   for run in $RUNS; do

@@ -2,6 +2,8 @@
 import importlib.util
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 import tarfile
@@ -147,8 +149,6 @@ def test_best_tier_is_the_finished_set_with_the_highest_mean_top1(tmp_path):
 
 def _lease_command() -> list:
     """The gpu_batch.py command of docs/cifar10-weights.md's next-lease plan, as arguments."""
-    import re
-    import shlex
     text = open(os.path.join(ROOT, 'docs', 'cifar10-weights.md')).read()
     section = text.split('## Next step on the next lease', 1)[1].split('\n## ', 1)[0]
     blocks = re.findall(r'```bash\n(.*?)```', section, re.S)
@@ -252,3 +252,13 @@ def test_check_names_a_tensor_larger_than_one_returned_file(tmp_path, capsys, mo
         gb.main(['--data', 'x.tar.gz', '--results', str(tmp_path), '--deadline', '60', '--runs-dir', str(tmp_path),
                  '--check', '--tier', 'cifar10-e12/aff_resnet8:0'])
     assert e.value.code == 2 and 'more than one returned file holds' in capsys.readouterr().err
+
+
+def test_the_cpu_queue_names_real_recipes_and_models(tmp_path, capsys):
+    """scripts/cifar_queue.sh's runs pass the same check as a lease's, so a typo fails here, not hours later."""
+    with open(os.path.join(ROOT, 'scripts', 'cifar_queue.sh')) as f:
+        runs = re.search(r'RUNS=\$\{RUNS:-"(.*?)"\}', f.read(), re.S).group(1).split()
+    assert 'cifar10-r11-e96/aff_resnet11:0' in runs
+    assert _module().main(['--data', 'missing.tar.gz', '--results', str(tmp_path), '--deadline', '60',
+                           '--tier', ','.join(runs), '--weights-tiers', '', '--check']) == 0
+    assert f'{len(runs)} runs' in capsys.readouterr().out
