@@ -65,6 +65,8 @@ def test_resume_after_kill_is_exact(folder, tmp_path):
     assert [r['epoch'] for r in log] == [1, 2, 3]
     metrics = json.loads((killed / 'metrics.json').read_text())
     assert metrics['epochs'] == 3 and metrics['command'].startswith('aff-zoo train ')
+    # Each epoch says where it ran: both processes here are one machine, so one entry of all three epochs.
+    assert {r['machine'] for r in log} == {metrics['machine']} and metrics['machines'] == {metrics['machine']: 3}
     assert {'log.csv', 'curves.png', 'model.safetensors'} <= set(os.listdir(killed))
     assert not [f for f in os.listdir(killed) if f.endswith('.tmp')]
 
@@ -204,9 +206,11 @@ def epoch1_of_3(small, tmp_path_factory):
     return out
 
 
-def test_resume_with_another_recipe_is_refused_or_overridden(small, epoch1_of_3, tmp_path):
+def test_resume_with_another_recipe_is_refused_or_overridden(small, epoch1_of_3, tmp_path, monkeypatch):
     import shutil
+    import aff_zoo.training.train as T
     from aff_zoo.training.train import RunError, TrainConfig, train
+    here = T.machine_line('cpu')
     out = tmp_path / 'run'
     shutil.copytree(epoch1_of_3, out)
     base = dict(epochs=3, batch_size=16, lr=0.05, warmup_epochs=0, progress=False)
@@ -221,6 +225,7 @@ def test_resume_with_another_recipe_is_refused_or_overridden(small, epoch1_of_3,
         train(_model(), *small, TrainConfig(**base), str(out), resume=True, resume_override=['bogus'])
     assert torch.load(out / 'checkpoint.pt', weights_only=True)['epoch'] == 1  # refusals touched nothing
 
+    monkeypatch.setattr(T, 'machine_line', lambda device: 'another machine')  # resumed elsewhere
     m = train(_model(), *small, TrainConfig(**dict(base, lr=0.1, batch_size=8)), str(out), resume=True,
               resume_override=['batch_size', 'lr'])
     log = json.loads((out / 'log.json').read_text())
@@ -229,6 +234,9 @@ def test_resume_with_another_recipe_is_refused_or_overridden(small, epoch1_of_3,
     assert log[0]['lr'] == pytest.approx(0.025 * (1 + math.cos(math.pi * 3 / 9)))
     assert log[1]['lr'] == pytest.approx(0.05 * (1 + math.cos(math.pi * 12 / 18)))
     assert [r['epoch'] for r in log] == [1, 2, 3]
+    assert [r['machine'] for r in log] == [here, 'another machine', 'another machine']
+    assert m['machines'] == {here: 1, 'another machine': 2} and m['machine'] == 'another machine'
+    assert T.epochs_by_machine([{'epoch': 1}, *log]) == {'not recorded': 1, here: 1, 'another machine': 2}
     assert m['config']['batch_size'] == 8 and m['config']['lr'] == 0.1
     assert {(o['field'], o['original'], o['new'], o['from_epoch']) for o in m['resume_overrides']} == {
         ('batch_size', 16, 8, 2), ('lr', 0.05, 0.1, 2)}

@@ -5,7 +5,7 @@
 
 * ``checkpoint.pt``   full state after the last finished epoch (model, optimizer, scheduler, scaler, EMA,
                       RNG, epoch), written atomically; ``--resume`` continues from it exactly.
-* ``log.csv`` / ``log.json``  one row per epoch (loss, accuracy, lr, seconds, images/s).
+* ``log.csv`` / ``log.json``  one row per epoch (loss, accuracy, lr, seconds, images/s, machine).
 * ``curves.png``      loss and accuracy curves.
 * ``model.safetensors``  the best weights (by validation top-1), weights only.
 * ``metrics.json``    best val top-1/top-5, epochs, the exact command, git commit, dataset sha256, the run
@@ -32,6 +32,7 @@ import random
 import shlex
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -385,6 +386,7 @@ def train(
     check_every = 1 if (device.type == 'cpu' and world == 1) else max(cfg.log_interval, 1)  # .item() syncs a GPU
     run_t0, run_images = time.perf_counter(), 0
     warned_val = False
+    machine = machine_line(device)  # per epoch: a run resumed elsewhere (another CPU, a lent GPU) says where each ran
     for epoch in range(start_epoch, cfg.epochs):
         train_loader.set_epoch(epoch)
         # All randomness of an epoch comes from (seed, epoch, rank): resumed epochs replay exactly.
@@ -460,6 +462,7 @@ def train(
             epoch_seconds=round(epoch_seconds, 2),
             train_images_per_s=round(float(totals[2]) / train_seconds, 1),
             eta_seconds=round((time.perf_counter() - run_t0) / (epoch + 1 - start_epoch) * (cfg.epochs - epoch - 1)),
+            machine=machine,
         )
         rows.append(row)
         if rank == 0 and not math.isfinite(row['val_loss']) and not warned_val:
@@ -499,7 +502,7 @@ def train(
         effective_batch_size=cfg.batch_size * accum * world,
         amp_dtype=str(amp_dtype).replace('torch.', '') if amp_dtype is not None else 'off',
         device=str(device), machine=machine_line(device), torch=str(torch.__version__), config=asdict(cfg),
-        run=identity,
+        machines=epochs_by_machine(rows), run=identity,
         resume_overrides=overrides, **(extra_metrics or {}),
     )
     if rank == 0:
@@ -508,6 +511,12 @@ def train(
             _write_logs(rows, out_dir)
         atomic_write_text(os.path.join(out_dir, 'metrics.json'), json.dumps(metrics, indent=1))
     return metrics
+
+
+def epochs_by_machine(rows: List[Dict[str, Any]]) -> Dict[str, int]:
+    """How many epochs of a run each machine trained, in order of first use; rows written before aff-zoo logged
+    the machine count as ``'not recorded'``. ``machine`` alone names only where the run ended."""
+    return dict(Counter(r.get('machine') or 'not recorded' for r in rows))
 
 
 def _lr(optimizer: torch.optim.Optimizer) -> float:
