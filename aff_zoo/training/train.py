@@ -501,7 +501,7 @@ def train(
         command=cfg.command, git_commit=commit, world_size=world,
         effective_batch_size=cfg.batch_size * accum * world,
         amp_dtype=str(amp_dtype).replace('torch.', '') if amp_dtype is not None else 'off',
-        device=str(device), machine=machine_line(device), torch=str(torch.__version__), config=asdict(cfg),
+        device=str(device), machine=machine, torch=str(torch.__version__), config=asdict(cfg),
         machines=epochs_by_machine(rows), run=identity,
         resume_overrides=overrides, **(extra_metrics or {}),
     )
