@@ -126,18 +126,35 @@ def read_section(text: str, name: str) -> str:
     return m.group(2)
 
 
+def cpuinfo(path: str = '/proc/cpuinfo') -> Dict[str, str]:
+    """The first CPU's fields in ``/proc/cpuinfo`` (``model name``, ``flags``, ...); empty where there is none."""
+    try:
+        with open(path) as f:
+            text = f.read().split('\n\n', 1)[0]
+    except OSError:
+        return {}
+    return {k.strip(): v.strip() for k, v in (line.split(':', 1) for line in text.splitlines() if ':' in line)}
+
+
+def bfloat16_units(flags: str) -> str:
+    """What runs bfloat16 on this CPU, from its flags: it decides whether a bfloat16 recipe is 2.4x faster than
+    float32 (AMX) or 2.3x slower (emulated, e.g. a Cascade Lake Xeon); both Xeons here print the same model name."""
+    flags = set(flags.split())
+    return ('bfloat16: AMX' if 'amx_bf16' in flags else 'bfloat16: AVX512-BF16' if 'avx512_bf16' in flags else
+            'bfloat16: emulated' if flags else '')
+
+
 def machine_line(device) -> str:
-    """The device in words (GPU name, or CPU model, cores and threads) and the torch version, for records."""
+    """The device in words (GPU name, or CPU model, its bfloat16 units, cores and threads) and the torch version,
+    for records."""
     import torch
     device = torch.device(device)
     if device.type == 'cuda':
         name = torch.cuda.get_device_name(device)
     else:
-        name = platform.processor() or platform.machine()
-        try:
-            with open('/proc/cpuinfo') as f:
-                name = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
-        except (OSError, StopIteration):
-            pass
-        name = f'{name}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads'
+        info = cpuinfo()
+        name = info.get('model name') or platform.processor() or platform.machine()
+        units = bfloat16_units(info.get('flags', ''))
+        units = f' ({units})' if units else ''
+        name = f'{name}{units}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads'
     return f'{name}; torch {torch.__version__}'

@@ -18,9 +18,14 @@ THREADS=${THREADS:-1}  # per run: 1 for the thin ResNet-20s, WORKERS=1 THREADS=2
 # torch.compile for these recipes only (measured on this CPU, docs/cifar10-weights.md: 1.13-1.2x for the fp32
 # ResNet-20s, 0.8x for the bfloat16 ResNet-9s). It does not change a run's recipe; a resumed run may switch it.
 COMPILE=${COMPILE:-cifar10-e12}
+# More flags for every run, for what suits this machine but not the recipe's: on a CPU without AVX512-BF16 (a Cascade
+# Lake Xeon), bfloat16 is emulated and 2.3x slower than float32, so there EXTRA="--amp-dtype auto --resume-override
+# amp_dtype" trains in float32 (no autocast on a CPU) and records the change in the run's checkpoint and metrics.
+EXTRA=${EXTRA:-}
 # The thin-network ablation on CPU (ResNet-20, 12 epochs: seeds 0-2 of add/AFF/iAFF, then SE/SK/local; done), then
-# the ResNet-11 set at 96 epochs, the CPU road to 93 % (docs/cifar10-weights.md): about 6.5 h a run with
-# WORKERS=1 THREADS=2 on this CPU. A GPU lease (scripts/gpu_batch.py) does the set in minutes.
+# the ResNet-11 set at 96 epochs, the CPU road to 93 % (docs/cifar10-weights.md): 6.5 h a run with WORKERS=1
+# THREADS=2 on an AMX Xeon, 11.5 h on an AMD EPYC, more on a Cascade Lake. A GPU lease (scripts/gpu_batch.py) does
+# the set in minutes.
 RUNS=${RUNS:-"cifar10-e12/add_resnet20:0 cifar10-e12/aff_resnet20:0 cifar10-e12/iaff_resnet20:0
   cifar10-e12/add_resnet20:1 cifar10-e12/aff_resnet20:1 cifar10-e12/iaff_resnet20:1
   cifar10-e12/add_resnet20:2 cifar10-e12/aff_resnet20:2 cifar10-e12/iaff_resnet20:2
@@ -35,7 +40,7 @@ worker() {
     extra=--no-compile; [[ " $COMPILE " == *" $recipe "* ]] && extra=--compile
     # -n: a run another worker holds is skipped; the lock dies with its holder
     flock -n "$out/.lock" env OMP_NUM_THREADS=$THREADS nice -n 19 $PY -m aff_zoo.cli train --recipe "$recipe" \
-      --model "$model" --seed "$seed" --data "$DATA" --output "$out" --resume --no-progress $extra \
+      --model "$model" --seed "$seed" --data "$DATA" --output "$out" --resume --no-progress $extra $EXTRA \
       >> "$out/stdout.log" 2>&1 || echo "=== $(date +%T) $run: not run by this worker (held or failed; see $out/stdout.log)"
   done
 }

@@ -244,17 +244,12 @@ def markdown_table(results: List[QuantResult]) -> str:
 
 
 def _cpu_line() -> str:
-    from ..utils import machine_line
+    from ..utils import cpuinfo, machine_line
     from .benchmark import _load_line
-    flags = ''
-    try:
-        with open('/proc/cpuinfo') as f:
-            cpu_flags = set(next(line for line in f if line.startswith('flags')).split(':', 1)[1].split())
-        flags = ', int8 instructions: ' + (' '.join(
-            k for k in ('amx_int8', 'avx512_vnni', 'avx_vnni', 'avx2') if k in cpu_flags) or 'none of avx2/vnni/amx')
-    except (OSError, StopIteration):
-        pass
-    return f'{machine_line(torch.device("cpu"))}{flags}; {_load_line()}'
+    cpu_flags = set(cpuinfo().get('flags', '').split())
+    flags = ', int8 instructions: ' + (' '.join(
+        k for k in ('amx_int8', 'avx512_vnni', 'avx_vnni', 'avx2') if k in cpu_flags) or 'none of avx2/vnni/amx')
+    return f'{machine_line(torch.device("cpu"))}{flags if cpu_flags else ""}; {_load_line()}'
 
 
 def _cmd_quantize(args) -> int:
