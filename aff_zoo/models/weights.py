@@ -104,6 +104,15 @@ _E96_NOTE = ("96 epochs of the cifar10-r9-e96-cutout12 recipe (Page's DAWNBench 
              'the best of the 96 epochs on the validation split (the last 500 images per class of the JPEG CIFAR-10 '
              'training set; the test split was not available). Short of the 93 % that issue 13 asks for. They replace '
              'the cifar10_e48 weights of the same networks (0.2-0.6 points lower; in git history).')
+_R11_NOTE = ("96 epochs of the cifar10-r11-e96 recipe (airbench96's ResNet-11 shape on the recipe of the "
+             '*_resnet9.cifar10_e96 set, unchanged; seed 0) on this project\'s 2-core CPUs, one epoch checkpoint '
+             'carried from machine to machine: epochs 1-59 on a Xeon with AMX and 60-78 and 83-96 on an AMD EPYC '
+             '(bfloat16 autocast), 79-82 in float32 on a Cascade Lake Xeon where bfloat16 is emulated (a resume '
+             'override the checkpoint records). Stored rounded to float16; top-1 is that of these rounded weights '
+             '(aff-zoo evaluate, CPU, float32), the best of the 96 epochs on the validation split (the last 500 '
+             'images per class of the JPEG CIFAR-10 training set). The most accurate AFF weights here, short of the '
+             '93 % that issue 13 asks for; no iAFF or addition ResNet-11 of this recipe is trained yet, so compare '
+             'it with the *_resnet9.cifar10_e96 set.')
 _E12_METRICS = {  # what the three cifar10_e12 records share
     'split': 'last 500 images per class (sorted by name)',
     'epochs': 12,
@@ -275,6 +284,41 @@ WEIGHTS: Tuple[Weights, ...] = (
             '--warmup-epochs 5.0 --weight-decay 0.0005 --workers 8',
         label_names=CIFAR10_CLASSES,
         notes=_E96_NOTE,
+    ),
+    Weights(
+        arch='aff_resnet11',
+        tag='cifar10_e96',
+        sha256='43da460dda2bde13692f3307d61f1b066a53f413f4910d406664eac6de52d658',
+        size=20822212,
+        num_classes=10,
+        dataset=_CIFAR10_JPEG,
+        metrics={
+            'top1': 92.22,
+            'top5': 99.44,
+            'top1_flip': 92.78,
+            'split': 'last 500 images per class (sorted by name)',
+            'epochs': 96,
+            'best_epoch': 85,
+            'train_images': 45000,
+            'val_images': 5000,
+            'train_seconds': 41053.2,
+            'device': 'cpu',
+            # one run on three CPUs (metrics.json's ``machines`` counts the epochs of each), 2 cores and 2 threads
+            'machine': 'Xeon with AMX (epochs 1-59), AMD EPYC with AVX512-BF16 (60-78, 83-96), Cascade Lake '
+                       'Xeon in float32 (79-82); 2 cores',
+            'world_size': 1,
+            'git_commit': 'dc79450158c3396619eb08149bc29dd354957425-dirty',
+            'dtype': 'float16',
+            'dataset_sha256': 'bb033266dbb26aa71223ff120c0df4e7d3943dbd93b9e65984876854c6234931',
+        },
+        recipe='aff-zoo train --accum-steps 1 --amp --amp-dtype bfloat16 --backbone-lr-scale 1.0 --batch-size 512 '
+            '--channels-last --no-compile --crop-pad 4 --cutout 12 --data ../shared/data/cifar10-train-jpeg.tar.gz '
+            '--data-path auto --device auto --drop-path 0.0 --ema-decay 0.0 --epochs 96 --eval-batch-size 500 '
+            '--hflip --label-smoothing 0.2 --lr 0.4 --min-lr 0.0 --mixup-alpha 0.0 --model aff_resnet11 --momentum '
+            '0.9 --nesterov --no-no-wd-bn-bias --opt sgd --output runs/cifar10-r11-e96/aff_resnet11-s0 --seed 0 '
+            '--train-subset 0 --val-per-class 500 --warmup-epochs 5.0 --weight-decay 0.0005 --workers 2',
+        label_names=CIFAR10_CLASSES,
+        notes=_R11_NOTE,
     ),
 )
 
