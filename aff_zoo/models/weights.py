@@ -113,28 +113,28 @@ _R11_NOTE = ("96 epochs of the cifar10-r11-e96 recipe (airbench96's ResNet-11 sh
              'images per class of the JPEG CIFAR-10 training set). The most accurate AFF weights here, short of the '
              '93 % that issue 13 asks for; no iAFF or addition ResNet-11 of this recipe is trained yet, so compare '
              'it with the *_resnet9.cifar10_e96 set.')
-_E12_METRICS = {  # what the three cifar10_e12 records share
+_CIFAR10_VAL = {  # what every CIFAR-10 record shares: the split and the archive
     'split': 'last 500 images per class (sorted by name)',
-    'epochs': 12,
-    'best_epoch': 12,
     'train_images': 45000,
     'val_images': 5000,
+    'dataset_sha256': 'bb033266dbb26aa71223ff120c0df4e7d3943dbd93b9e65984876854c6234931',
+}
+_E12_METRICS = {  # what the three cifar10_e12 records share
+    **_CIFAR10_VAL,
+    'epochs': 12,
+    'best_epoch': 12,
     'device': 'cpu',
     'world_size': 1,
     'git_commit': 'd003b42bea6f8b647ce4f1e165c44b07014bd7df-dirty',
-    'dataset_sha256': 'bb033266dbb26aa71223ff120c0df4e7d3943dbd93b9e65984876854c6234931',
 }
 _E96_METRICS = {  # what the three cifar10_e96 records share
-    'split': 'last 500 images per class (sorted by name)',
+    **_CIFAR10_VAL,
     'epochs': 96,
-    'train_images': 45000,
-    'val_images': 5000,
     'device': 'cuda:0',
     'machine': 'NVIDIA H100 80GB HBM3; torch 2.11.0+cu130',
     'world_size': 1,
     'git_commit': 'e4dc0ccedce7b8dff4dc0b9c2897ddafb69cdadb',
     'dtype': 'float16',
-    'dataset_sha256': 'bb033266dbb26aa71223ff120c0df4e7d3943dbd93b9e65984876854c6234931',
 }
 _CIFAR10_JPEG = 'CIFAR-10 (JPEG): the 45,000 training images (train split minus the validation images)'
 
@@ -296,11 +296,9 @@ WEIGHTS: Tuple[Weights, ...] = (
             'top1': 92.22,
             'top5': 99.44,
             'top1_flip': 92.78,
-            'split': 'last 500 images per class (sorted by name)',
+            **_CIFAR10_VAL,
             'epochs': 96,
             'best_epoch': 85,
-            'train_images': 45000,
-            'val_images': 5000,
             'train_seconds': 41053.2,
             'device': 'cpu',
             # one run on three CPUs (metrics.json's ``machines`` counts the epochs of each), 2 cores and 2 threads
@@ -309,7 +307,6 @@ WEIGHTS: Tuple[Weights, ...] = (
             'world_size': 1,
             'git_commit': 'dc79450158c3396619eb08149bc29dd354957425-dirty',
             'dtype': 'float16',
-            'dataset_sha256': 'bb033266dbb26aa71223ff120c0df4e7d3943dbd93b9e65984876854c6234931',
         },
         recipe='aff-zoo train --accum-steps 1 --amp --amp-dtype bfloat16 --backbone-lr-scale 1.0 --batch-size 512 '
             '--channels-last --no-compile --crop-pad 4 --cutout 12 --data ../shared/data/cifar10-train-jpeg.tar.gz '
