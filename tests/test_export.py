@@ -11,7 +11,7 @@ import torch
 import aff_zoo
 from aff_zoo.cli import main
 from aff_zoo.layers.fusion import LocalFusion
-from aff_zoo.deploy.export import check_onnx, convert, export_onnx
+from aff_zoo.deploy.export import check_onnx, convert, export_onnx, script
 from aff_zoo.models import IMAGENET_MODELS
 
 ATOL = 1e-4
@@ -51,6 +51,21 @@ def _calibrated(name, **kwargs):
     with torch.no_grad():
         model(torch.randn(8, model.in_chans, *_size(name)))
     return model.eval()
+
+
+def test_script_drops_a_stale_builtin_entry_at_a_live_attribute():
+    """The failure of one CI run, made on purpose: TorchScript's builtin table holding the id of a Conv2d's
+    padding list (as a freed op at that address leaves it) made torch.jit.script fail on local_resnet8."""
+    model = _calibrated('local_resnet8')
+    pads = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))._reversed_padding_repeated_twice
+    table = torch.jit._builtins._get_builtin_table()
+    table[id(pads)] = 'aten::pad'
+    try:
+        scripted = script(model)
+    finally:
+        table.pop(id(pads), None)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(scripted(x), model(x))
 
 
 @pytest.mark.parametrize('name', EXPORT_MODELS)

@@ -9,6 +9,7 @@ import aff_zoo  # noqa: F401  (registers the models)
 from aff_zoo.deploy.benchmark import PortAFF, PortiAFF, benchmark_fusions, benchmark_models, port_from_fusion
 from aff_zoo.layers.fusion import blend, create_fusion, fuse_for_inference
 from aff_zoo.models import AFFResNet
+from aff_zoo.deploy.export import script
 
 
 def _randomise(module: nn.Module) -> nn.Module:
@@ -95,7 +96,7 @@ def test_scripted_model_equals_eager(fused):
         fuse_for_inference(model)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(torch.jit.script(model)(x), model(x))
+        torch.testing.assert_close(script(model)(x), model(x))
 
 
 @pytest.mark.parametrize('train', [False, True])

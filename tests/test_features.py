@@ -8,6 +8,7 @@ import torch
 
 import aff_zoo
 from aff_zoo.models import IMAGENET_MODELS
+from aff_zoo.deploy.export import script
 
 ALL_MODELS = aff_zoo.list_models()
 
@@ -108,7 +109,7 @@ def test_clear_input_errors(name, size, stride):
 def test_in_chans_with_features_torchscript():
     """The input check lives in forward_features and must stay TorchScript-compatible."""
     model = _create('aff_resnet8', in_chans=4)
-    scripted = torch.jit.script(model)
+    scripted = script(model)
     x = torch.randn(2, 4, 32, 32)
     assert torch.equal(scripted(x), model(x))
     with pytest.raises(Exception, match='in_chans'):

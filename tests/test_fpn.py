@@ -8,6 +8,7 @@ from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
 from aff_zoo.layers.fpn import AFFFPN
+from aff_zoo.deploy.export import script
 
 IN_CHANNELS = [8, 16, 32]
 
@@ -100,7 +101,7 @@ def test_every_parameter_gets_a_gradient(fusion):
 
 def test_torchscript():
     fpn = _randomize_bn(AFFFPN(IN_CHANNELS, 12, extra_blocks=LastLevelMaxPool(), fusion='iaff')).eval()
-    scripted = torch.jit.script(fpn)
+    scripted = script(fpn)
     x = _features()
     a, b = fpn(x), scripted(x)
     assert list(a.keys()) == list(b.keys())

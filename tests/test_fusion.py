@@ -8,6 +8,7 @@ from aff_zoo.layers.fusion import (
     AFF, FUSIONS, MSCAM, AddFusion, LocalFusion, SEFusion, SKFusion, bottleneck_width, create_fusion,
     fuse_for_inference, iAFF,
 )
+from aff_zoo.deploy.export import script
 
 C, R = 16, 4
 
@@ -229,7 +230,7 @@ def test_fuse_for_inference_keeps_the_output(name):
 def test_fusions_script(name):
     m = create_fusion(name, C, R).eval()
     x, y = torch.randn(2, C, 4, 4), torch.randn(2, C, 4, 4)
-    torch.testing.assert_close(torch.jit.script(m)(x, y), m(x, y))
+    torch.testing.assert_close(script(m)(x, y), m(x, y))
 
 
 @pytest.mark.parametrize('name', ['aff', 'iaff', 'local', 'sk'])

@@ -9,7 +9,7 @@ import torch
 
 import aff_zoo
 from aff_zoo.cli import main
-from aff_zoo.deploy.export import check_exported, convert, export_program
+from aff_zoo.deploy.export import check_exported, convert, export_program, script
 from aff_zoo.models import IMAGENET_MODELS
 
 ALL_MODELS = aff_zoo.list_models()
@@ -102,7 +102,7 @@ def test_fx_graph_scripts():
     model = _create('iaff_resnet8').eval()
     with warnings.catch_warnings():
         warnings.simplefilter('ignore', FutureWarning)  # torch.jit is deprecated
-        scripted = torch.jit.script(torch.fx.symbolic_trace(model))
+        scripted = script(torch.fx.symbolic_trace(model))
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(scripted(x), model(x), rtol=0, atol=ATOL)

@@ -5,6 +5,7 @@ import torch
 
 import aff_zoo
 from aff_zoo.models import CIFAR_MODELS, IMAGENET_MODELS
+from aff_zoo.deploy.export import script
 
 ALL_MODELS = aff_zoo.list_models()
 # ImageNet-size models run at 64x64 here (total stride 32 -> 2x2 at the last stage) to keep the suite fast.
@@ -82,7 +83,7 @@ def test_torchscript(name):
     model = _create(name).eval()
     s = _size(name)
     x = torch.randn(1, 3, s, s)
-    scripted = torch.jit.script(model)
+    scripted = script(model)
     with torch.no_grad():
         torch.testing.assert_close(scripted(x), model(x))
 

@@ -59,13 +59,27 @@ def _quiet_jit():
         yield
 
 
+def script(model: nn.Module) -> torch.jit.ScriptModule:
+    """``torch.jit.script``, safe from a PyTorch bug that failed one CI run: its builtin table is keyed by the
+    ``id()`` of functions it does not keep alive (op packets that ``torch.ops`` refreshes), so a module's data
+    attribute born at a freed address (Conv2d's ``_reversed_padding_repeated_twice``) is taken for an op, and
+    scripting fails with "builtin cannot be used as a value". An entry at the id of a live non-callable
+    attribute can only be such a stale one, so it is dropped first."""
+    table = torch.jit._builtins._get_builtin_table()
+    for m in model.modules():
+        for v in vars(m).values():
+            if not callable(v) and id(v) in table:
+                del table[id(v)]
+    with _quiet_jit():
+        return torch.jit.script(model)
+
+
 def export_torchscript(model: nn.Module, path) -> Path:
     """``torch.jit.script`` the eval-mode model and save it to ``path``."""
     path = Path(path)
     model = model.eval()
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _quiet_jit():
-        scripted = torch.jit.script(model)
+    scripted = script(model)
     atomic_write(str(path), lambda tmp: torch.jit.save(scripted, tmp))
     return path
 
