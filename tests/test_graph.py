@@ -98,11 +98,8 @@ def test_feature_extraction_through_fx():
 
 def test_fx_graph_scripts():
     """timm's test_model_forward_fx_torchscript: the FX graph (with its leaves) compiles with TorchScript."""
-    import warnings
     model = _create('iaff_resnet8').eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore', FutureWarning)  # torch.jit is deprecated
-        scripted = script(torch.fx.symbolic_trace(model))
+    scripted = script(torch.fx.symbolic_trace(model))  # script() silences TorchScript's deprecation warning
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(scripted(x), model(x), rtol=0, atol=ATOL)
