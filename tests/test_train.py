@@ -313,12 +313,32 @@ def test_recipes_print_their_full_command(capsys, monkeypatch):
                      '--print-command']) == 0
         return _segments(capsys.readouterr().out.strip().split(': ', 1)[1])
     assert {'--lr 0.075', '--epochs 160', '--warmup-epochs 5.0', '--label-smoothing 0.1', '--mixup-alpha 0.2',
-            '--nesterov', '--no-wd-bn-bias', '--weight-decay 0.0001'} <= run('--model', 'aff_resnet50')
-    assert {'--lr 0.15', '--epochs 240'} <= run('--model', 'aff_resnext50', '--batch-size', '256')
-    assert {'--lr 0.3', '--epochs 3', '--mixup-alpha 0.0'} <= run(
+            '--mixup-off-epoch 155', '--nesterov', '--no-wd-bn-bias', '--weight-decay 0.0001'} <= run(
+        '--model', 'aff_resnet50')
+    assert {'--lr 0.15', '--epochs 240', '--mixup-off-epoch 235'} <= run('--model', 'aff_resnext50', '--batch-size',
+                                                                          '256')
+    assert {'--lr 0.3', '--epochs 3', '--mixup-alpha 0.0', '--mixup-off-epoch 0'} <= run(
         '--model', 'aff_resnet50', '--accum-steps', '4', '--epochs', '3', '--mixup-alpha', '0')  # explicit wins
     monkeypatch.setenv('WORLD_SIZE', '8')
     assert {'--lr 0.06', '--epochs 5'} <= run('--model', 'aff_resnet50', '--recipe', 'imagenet-upcycle')
+
+
+def test_mixup_stops_after_mixup_off_epoch(small, tmp_path, monkeypatch):
+    """--mixup-off-epoch 1 of 2 epochs: the first epoch mixes at the recipe's alpha, the second not at all (timm's
+    train.py semantics: epochs counted from 0, mixing while epoch < N); the run records the setting."""
+    from aff_zoo.training import train as T
+    seen, orig = [], T._mixup
+
+    def spy(x, y, num_classes, alpha, smoothing, generator):
+        seen.append(alpha)
+        return orig(x, y, num_classes, alpha, smoothing, generator)
+    monkeypatch.setattr(T, '_mixup', spy)
+    cfg = T.TrainConfig(epochs=2, batch_size=16, lr=0.05, warmup_epochs=0, mixup_alpha=1.0, mixup_off_epoch=1,
+                        progress=False)
+    m = T.train(_model(), *small, cfg, str(tmp_path / 'run'))
+    per_epoch = len(seen) // 2
+    assert per_epoch > 0 and seen == [1.0] * per_epoch + [0.0] * per_epoch
+    assert m['config']['mixup_off_epoch'] == 1
 
 
 def test_cutout_erases_one_uniform_square_per_image_and_replays_from_the_generator():
