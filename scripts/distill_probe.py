@@ -16,44 +16,45 @@ import sys
 import time
 from pathlib import Path
 
-import timm
 import torch
-import torch.nn.functional as F
+from timm.loss import SoftTargetCrossEntropy
 from tqdm import tqdm
 
 import aff_zoo  # noqa: F401  (registers the models)
 from aff_zoo.data import load_images, split_train_val
-from aff_zoo.data.memory import BatchLoader, cache_dir, gpu_augment, normalize, to_tensor_nchw
-from aff_zoo.training.evaluate import evaluate_loader
+from aff_zoo.data.memory import cache_dir, gpu_augment, normalize, to_tensor_nchw
+from aff_zoo.models.pretrained import create_model
+from aff_zoo.models.weights import WEIGHTS
+from aff_zoo.training.evaluate import evaluate
 from aff_zoo.training.train import TrainConfig, atomic_torch_save, create_optimizer, create_scheduler
 
 ROOT = Path(__file__).resolve().parents[1]
-TEACHERS = ('aff_resnet9.cifar10_e96', 'iaff_resnet9.cifar10_e96', 'add_resnet9.cifar10_e96',
-            'aff_resnet11.cifar10_e96')
+TEACHERS = tuple(w.name for w in WEIGHTS if w.tag == 'cifar10_e96')
 
 
 def published(name: str) -> torch.nn.Module:
-    return timm.create_model(name.split('.')[0], pretrained=True, num_classes=10, pretrained_cfg_overlay=dict(
-        file=str(ROOT / 'hub' / name / 'model.safetensors')))
+    """The shipped file of a published CIFAR-10 weight (``hub/<name>/``), channels_last."""
+    w = next(w for w in WEIGHTS if w.name == name)
+    model = create_model(w.arch, weights=ROOT / 'hub' / w.name / w.filename, num_classes=w.num_classes)
+    return model.to(memory_format=torch.channels_last)
 
 
 @torch.inference_mode()
-def soft_targets(names, images: torch.Tensor, batch: int = 500, views=None) -> torch.Tensor:
-    """Mean softmax of ``names`` over each image and its mirror image (bfloat16 autocast), N x classes; with
-    ``views`` the two views apart (2 x N x classes), in float32 as ``aff-zoo evaluate`` runs."""
-    total = None
+def view_probs(names, images: torch.Tensor, mirror: bool = True, bf16: bool = False,
+               batch: int = 500) -> torch.Tensor:
+    """Mean softmax of the networks ``names`` on uint8 ``images``: views x N x classes, the views being the image
+    and (``mirror``) its mirror image. float32 as ``aff-zoo evaluate`` runs, or bfloat16 autocast (``bf16``)."""
+    total = 0
     for name in names:
-        model = published(name).eval().to(memory_format=torch.channels_last)
+        model = published(name).eval()
         cfg = model.pretrained_cfg
         probs = []
         for i in tqdm(range(0, len(images), batch), desc=f'teacher {name}', leave=False):
             x = normalize(images[i:i + batch], cfg['mean'], cfg['std'], True)
-            with torch.autocast('cpu', dtype=torch.bfloat16, enabled=views is None):
-                probs.append(torch.stack([model(x).float().softmax(1), model(x.flip(3)).float().softmax(1)]))
-        p = torch.cat(probs, 1)
-        total = p if total is None else total + p
-    total = total / len(names)
-    return total if views else total.mean(0)
+            with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16):
+                probs.append(torch.stack([model(v).float().softmax(1) for v in ([x, x.flip(3)] if mirror else [x])]))
+        total = total + torch.cat(probs, 1)
+    return total / len(names)
 
 
 def report_ensemble(names, val_ds) -> None:
@@ -62,7 +63,7 @@ def report_ensemble(names, val_ds) -> None:
     images, labels = to_tensor_nchw(val_ds.images), torch.as_tensor(val_ds.labels, dtype=torch.long)
     total = 0
     for name in names:
-        p = soft_targets([name], images, views=('single', 'flip'))
+        p = view_probs([name], images)
         total = total + p
         print(f'{name:32s} {top1(p[0], labels):6.2f} {top1(p.mean(0), labels):6.2f}', flush=True)
     print(f'{"mean of the " + str(len(names)):32s} {top1(total[0], labels):6.2f} {top1(total.mean(0), labels):6.2f}')
@@ -79,8 +80,8 @@ def report_gap(student: str, teachers, train_ds, val_ds, n: int = 2000, seed: in
     val = to_tensor_nchw(val_ds.images)[torch.randperm(len(val_ds), generator=g)[:n]]
     print(f'{"images (" + str(n) + " each)":24s} {"KL nats":>8s} {"agree %":>8s}')
     for label, images in (('training', train), ('training, mixup', mixed), ('validation', val)):
-        t = soft_targets(teachers, images, views=('single', 'flip'))[0].clamp_min(1e-8)
-        s_ = soft_targets([student], images, views=('single', 'flip'))[0].clamp_min(1e-8)
+        t = view_probs(teachers, images, mirror=False)[0].clamp_min(1e-8)
+        s_ = view_probs([student], images, mirror=False)[0].clamp_min(1e-8)
         kl = float((t * (t.log() - s_.log())).sum(1).mean())
         print(f'{label:24s} {kl:8.4f} {float((t.argmax(1) == s_.argmax(1)).double().mean()) * 100:8.2f}', flush=True)
 
@@ -127,27 +128,27 @@ def main(argv=None) -> int:
     images = to_tensor_nchw(train_ds.images)
     labels = torch.as_tensor(train_ds.labels, dtype=torch.long)
     if a.function_matching:  # the teachers run on each step's own blended batch
-        targets, nets = None, [published(t).eval().to(memory_format=torch.channels_last) for t in teachers]
+        targets, nets = None, [published(t).eval() for t in teachers]
     elif cache.exists():
         targets = torch.load(cache, weights_only=True)  # our own cache of plain tensors
     else:
         t0 = time.perf_counter()
-        targets = soft_targets(teachers, images)
+        targets = view_probs(teachers, images, bf16=True).mean(0)
         atomic_torch_save(targets, str(cache))
         print(f'teacher targets: {time.perf_counter() - t0:.0f} s, top-1 on the training images '
               f'{(targets.argmax(1) == labels).float().mean() * 100:.2f} %', flush=True)
     if targets is not None:
-        smooth = F.one_hot(labels, 10).float() * 0.8 + 0.02
+        smooth = torch.nn.functional.one_hot(labels, 10).float() * 0.8 + 0.02
         targets = (1 - a.label_weight) * targets + a.label_weight * smooth
 
-    model = published(a.student).to(memory_format=torch.channels_last)
-    cfg = TrainConfig(**{**dict(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, warmup_epochs=a.warmup_epochs,
-                                no_wd_bn_bias=False, weight_decay=5e-4, seed=a.seed)})
+    model = published(a.student)
+    cfg = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, warmup_epochs=a.warmup_epochs,
+                      no_wd_bn_bias=False, weight_decay=5e-4, seed=a.seed)
     opt = create_optimizer(model, cfg)
     steps = len(train_ds) // a.batch_size
     sched = create_scheduler(opt, cfg, steps)
     mean, std = model.pretrained_cfg['mean'], model.pretrained_cfg['std']
-    val_loader = BatchLoader(val_ds, 500, shuffle=False)
+    loss_fn = SoftTargetCrossEntropy()
     os.makedirs(a.output, exist_ok=True)
     ckpt, log = os.path.join(a.output, 'checkpoint.pt'), []
     start = 0
@@ -157,8 +158,7 @@ def main(argv=None) -> int:
         opt.load_state_dict(state['optimizer'])
         start, log = state['epoch'], state['log']
     else:
-        ev = evaluate_loader(model, val_loader, torch.device('cpu'), mean, std, True, 10)
-        log.append(dict(epoch=0, val_top1=round(100. * int(ev['top1']) / int(ev['count']), 2)))
+        log.append(dict(epoch=0, val_top1=round(evaluate(model, val_ds)['top1'], 2)))
         print(json.dumps(log[-1]), flush=True)
     for epoch in range(start, a.epochs):
         gen = torch.Generator().manual_seed(a.seed * 1_000_003 + epoch)
@@ -180,16 +180,14 @@ def main(argv=None) -> int:
                 else:
                     target = targets[idx]
                 logits = model(x)
-            loss = torch.sum(-target * logits.float().log_softmax(1), dim=1).mean()
+            loss = loss_fn(logits.float(), target)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             loss_sum += float(loss)
-        ev = evaluate_loader(model, val_loader, torch.device('cpu'), mean, std, True, 10)
-        log.append(dict(epoch=epoch + 1, train_loss=round(loss_sum / steps, 4),
-                        val_top1=round(100. * int(ev['top1']) / int(ev['count']), 2),
-                        val_loss=round(float(ev['loss_sum']) / int(ev['count']), 4),
-                        seconds=round(time.perf_counter() - t0, 1)))
+        ev = evaluate(model, val_ds)  # aff-zoo evaluate's figures: CPU, float32, batch 500
+        log.append(dict(epoch=epoch + 1, train_loss=round(loss_sum / steps, 4), val_top1=round(ev['top1'], 2),
+                        val_loss=round(ev['loss'], 4), seconds=round(time.perf_counter() - t0, 1)))
         print(json.dumps(log[-1]), flush=True)
         atomic_torch_save(dict(model=model.state_dict(), optimizer=opt.state_dict(), epoch=epoch + 1, log=log), ckpt)
     Path(a.output, 'log.json').write_text(json.dumps(dict(args=vars(a), log=log), indent=1))
