@@ -389,6 +389,12 @@ def test_resnet9_recipe_prints_pages_settings(capsys):
                  '--output', 'y', '--print-command']) == 0
     assert _segments(capsys.readouterr().out.strip().split(': ', 1)[1]) ^ printed == {
         '--epochs 24', '--epochs 96', '--cutout 8', '--cutout 12'}
+    # the mixup recipe: the published one with the authors' mixup, its switch-off and label smoothing, longer
+    assert main(['train', '--recipe', 'cifar10-r11-mix-e150', '--model', 'aff_resnet9', '--data', 'x',
+                 '--output', 'y', '--print-command']) == 0
+    assert _segments(capsys.readouterr().out.strip().split(': ', 1)[1]) ^ printed == {
+        '--epochs 24', '--epochs 150', '--cutout 8', '--cutout 12', '--mixup-alpha 0.0', '--mixup-alpha 1.0',
+        '--mixup-off-epoch 0', '--mixup-off-epoch 135', '--label-smoothing 0.2', '--label-smoothing 0.1'}
 
 
 def test_nonfinite_report_names_the_tensor_or_the_largest_running_variance():
