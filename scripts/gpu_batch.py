@@ -197,7 +197,8 @@ def _watch(runs, deadline: float, poll: float, stops: bool = True):
         lower = sorted((r for r in live if r.tier > 0), key=lambda r: (-r.tier, r.epochs_done()))
         # (judged on the pace after start-up only: the first epochs of many runs starting at once are slow)
         hopeless = [r for r in lower if len(r.epoch_times) >= 4 and r.projected_end(now) > deadline]
-        late = [r for r in live if r.tier == 0 and r.projected_end(now) > deadline]
+        # (a tier-0 run too: the 2026-11-28 lease lost its add run 20 s in, to a pace of 3 epochs with start-up)
+        late = [r for r in live if r.tier == 0 and len(r.epoch_times) >= 4 and r.projected_end(now) > deadline]
         if stops and now - last_stop > 20 and (hopeless or (late and lower)):
             if hopeless:
                 victim, why = hopeless[0], f'projected to end {hopeless[0].projected_end(now) - _T0:.0f}s'

@@ -127,6 +127,31 @@ def test_without_stops_only_the_deadline_ends_runs(monkeypatch, tmp_path):
     assert runs[1].state.startswith('stopped: projected') and runs[0].state == 'stopped: deadline'
 
 
+def test_a_tier0_start_up_pace_stops_nothing(monkeypatch, tmp_path):
+    """A tier-0 run whose first 3 epochs include start-up (CUDA, cuDNN's search, runs starting together) looks
+    late; its pace of the last 3 epochs decides. On 2026-11-28 the old rule stopped a lower tier 20 s in."""
+    gb = _module()
+    monkeypatch.setattr(gb, 'EPOCHS', 100)
+    monkeypatch.setattr(gb.Run, 'epochs_done', lambda self: len(self.epoch_times))
+
+    def watch(top_epoch_times):
+        runs = []
+        for spec, tier in (('cifar10-e12/aff_resnet8:0', 0), ('cifar10-e12/add_resnet8:1', 1)):
+            r = gb.Run(spec, tier, str(tmp_path))
+            r.proc = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], start_new_session=True)
+            r.state, r.started = 'running', time.time() - 40
+            r.epoch_times = [r.started + 30 + i for i in range(1, 3)]  # the lower tier: 1 s an epoch, too early
+            runs.append(r)
+        runs[0].epoch_times = [runs[0].started + t for t in top_epoch_times]
+        gb._watch(runs, time.time() + 3, 0.2)  # ends at the deadline, or stops a run first
+        return runs
+
+    runs = watch([36.0, 37.0, 38.0])  # start-up: 38 s for 3 epochs, 1,267 s projected; 1 s an epoch since
+    assert [r.state for r in runs] == ['stopped: deadline'] * 2
+    runs = watch([10.0, 20.0, 30.0, 40.0])  # 10 s an epoch for the last 3: late, so the lower tier goes
+    assert runs[1].state.startswith('stopped: cifar10-e12/aff_resnet8-s0 projected')
+
+
 def test_best_tier_is_the_finished_set_with_the_highest_mean_top1(tmp_path):
     """--weights-tiers best: only one set of three ResNet-9 weights fits the 64 MiB return."""
     gb = _module()
