@@ -80,7 +80,8 @@ def test_stale_card_and_table_are_detected(hub_checkpoint, tmp_path):
         assert len(cards.write_cards(tmp_path)) == 3  # card, hub README, README table written
         assert cards.write_cards(tmp_path, check=True) == []
         readme = (tmp_path / 'README.md').read_text()
-        assert f'`{record.name}` | 12.50 | 50.00 |' in readme and readme.endswith('rest\n')
+        row = f'| [`{record.name}`](https://huggingface.co/{record.hf_hub_id}) | 12.50 | 50.00 |'  # name links the repo
+        assert row in readme and readme.endswith('rest\n')
         assert (tmp_path / 'model_cards' / f'{record.name}.md').read_text() == \
             (folder / 'README.md').read_text()
     changed = replace(record, metrics=dict(record.metrics, top1=13.0))

@@ -110,9 +110,16 @@ _R11_NOTE = ("96 epochs of the cifar10-r11-e96 recipe (airbench96's ResNet-11 sh
              '(bfloat16 autocast), 79-82 in float32 on a Cascade Lake Xeon where bfloat16 is emulated (a resume '
              'override the checkpoint records). Stored rounded to float16; top-1 is that of these rounded weights '
              '(aff-zoo evaluate, CPU, float32), the best of the 96 epochs on the validation split (the last 500 '
-             'images per class of the JPEG CIFAR-10 training set). The most accurate AFF weights here, short of the '
-             '93 % that issue 13 asks for; no iAFF or addition ResNet-11 of this recipe is trained yet, so compare '
-             'it with the *_resnet9.cifar10_e96 set.')
+             'images per class of the JPEG CIFAR-10 training set). Short of the 93 % that issue 13 asks for, and '
+             'superseded by aff_resnet11.cifar10_mix_e150 (93.00 %, now the default tag); kept as the ResNet-11 on '
+             'the recipe of the *_resnet9.cifar10_e96 set, the comparison that isolates the larger network.')
+_MIX_NOTE = ("150 epochs of the cifar10-r11-mix-e150 recipe (the recipe of aff_resnet11.cifar10_e96 with the authors' "
+             'CIFAR mixup: alpha 1, off for the last 15 epochs, and label smoothing 0.1; seed 0, bfloat16 autocast) '
+             'on one NVIDIA H200 (scripts/gpu_batch.py, CUDA MPS): AFF and iAFF side by side in one call, the '
+             'addition baseline alone in a second. Stored rounded to float16; top-1 is that of these rounded weights '
+             '(aff-zoo evaluate, CPU, float32), the best of the 150 epochs on the validation split (the last 500 '
+             'images per class of the JPEG CIFAR-10 training set), which also picked the epoch. One seed each: AFF '
+             '93.00, iAFF 92.70, addition 92.34.')
 _CIFAR10_VAL = {  # what every CIFAR-10 record shares: the split and the archive
     'split': 'last 500 images per class (sorted by name)',
     'train_images': 45000,
@@ -136,6 +143,27 @@ _E96_METRICS = {  # what the three cifar10_e96 records share
     'git_commit': 'e4dc0ccedce7b8dff4dc0b9c2897ddafb69cdadb',
     'dtype': 'float16',
 }
+_MIX_METRICS = {  # what the three cifar10_mix_e150 records share
+    **_CIFAR10_VAL,
+    'epochs': 150,
+    'device': 'cuda:0',
+    'machine': 'NVIDIA H200; torch 2.11.0+cu130',
+    'world_size': 1,
+    'git_commit': 'cb85d8f59f5a1a1a5fe49e51c59bacdb270fb51f',
+    'dtype': 'float16',
+}
+
+
+def _mix_recipe(model: str, runs: str = '/tmp/gpuruns') -> str:
+    return ('aff-zoo train --accum-steps 1 --amp --amp-dtype bfloat16 --backbone-lr-scale 1.0 --batch-size 512 '
+            '--channels-last --no-compile --crop-pad 4 --cutout 12 --data .devdata/cifar10-train-jpeg.tar.gz '
+            '--data-path auto --device cuda --drop-path 0.0 --ema-decay 0.0 --epochs 150 --eval-batch-size 500 '
+            '--hflip --label-smoothing 0.1 --lr 0.4 --min-lr 0.0 --mixup-alpha 1.0 --mixup-off-epoch 135 '
+            f'--model {model} --momentum 0.9 --nesterov --no-no-wd-bn-bias --opt sgd --output '
+            f'{runs}/cifar10-r11-mix-e150/{model}-s0 --seed 0 --train-subset 0 --val-per-class 500 '
+            '--warmup-epochs 5.0 --weight-decay 0.0005 --workers 8')
+
+
 _CIFAR10_JPEG = 'CIFAR-10 (JPEG): the 45,000 training images (train split minus the validation images)'
 
 CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
@@ -284,6 +312,63 @@ WEIGHTS: Tuple[Weights, ...] = (
             '--warmup-epochs 5.0 --weight-decay 0.0005 --workers 8',
         label_names=CIFAR10_CLASSES,
         notes=_E96_NOTE,
+    ),
+    Weights(
+        arch='aff_resnet11',
+        tag='cifar10_mix_e150',
+        sha256='84ea26d2094dae57239d547cd02d7e9491bebda3cdefd1519d3123cc397b18c8',
+        size=20822212,
+        num_classes=10,
+        dataset=_CIFAR10_JPEG,
+        metrics={
+            **_MIX_METRICS,
+            'top1': 93.0,
+            'top5': 99.48,
+            'top1_flip': 93.5,
+            'best_epoch': 143,
+            'train_seconds': 300.7,
+        },
+        recipe=_mix_recipe('aff_resnet11'),
+        label_names=CIFAR10_CLASSES,
+        notes=_MIX_NOTE,
+    ),
+    Weights(
+        arch='iaff_resnet11',
+        tag='cifar10_mix_e150',
+        sha256='2a341dbf6a249e34cdd75692d571c184d7b1d3b127c5e97b86e15ed8b658b258',
+        size=21693540,
+        num_classes=10,
+        dataset=_CIFAR10_JPEG,
+        metrics={
+            **_MIX_METRICS,
+            'top1': 92.7,
+            'top5': 99.6,
+            'top1_flip': 93.3,
+            'best_epoch': 139,
+            'train_seconds': 391.5,
+        },
+        recipe=_mix_recipe('iaff_resnet11'),
+        label_names=CIFAR10_CLASSES,
+        notes=_MIX_NOTE,
+    ),
+    Weights(
+        arch='add_resnet11',
+        tag='cifar10_mix_e150',
+        sha256='1f869fd02730cae696d2d2814631492e4da3da4f790bf1b0b3845163404603ba',
+        size=19950996,
+        num_classes=10,
+        dataset=_CIFAR10_JPEG,
+        metrics={
+            **_MIX_METRICS,
+            'top1': 92.34,
+            'top5': 99.72,
+            'top1_flip': 93.02,
+            'best_epoch': 136,
+            'train_seconds': 168.5,
+        },
+        recipe=_mix_recipe('add_resnet11', runs='/tmp/gpuruns2'),  # the second call's folder
+        label_names=CIFAR10_CLASSES,
+        notes=_MIX_NOTE,
     ),
     Weights(
         arch='aff_resnet11',

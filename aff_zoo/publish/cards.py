@@ -221,15 +221,15 @@ def weights_table(records: Sequence[Weights]) -> str:
     upcycled = [r for r in records if isinstance(r, Upcycled)]
     records = [r for r in records if not isinstance(r, Upcycled)]
     tail = '\n' + upcycled_table(upcycled) if upcycled else ''
-    head = ('| weights | top-1 (%) | top-5 (%) | top-1, flip TTA (%) | epochs | dataset | Hub repo | size (MB) '
+    head = ('| weights (link: Hub repo) | top-1 (%) | top-5 (%) | top-1, flip TTA (%) | epochs | dataset | size (MB) '
             '| sha256 |\n'
-            '|---|---|---|---|---|---|---|---|---|\n')
+            '|---|---|---|---|---|---|---|---|\n')
     if not records:
-        return head + '| (none published yet) | | | | | | | | |\n' + tail
+        return head + '| (none published yet) | | | | | | | |\n' + tail
     return head + ''.join(
-        f'| `{w.name}` | {_fmt(w.top1)} | {_fmt(w.top5)} | {_fmt(w.metrics.get("top1_flip"))} '
-        f'| {_fmt(w.metrics.get("epochs"))} | {w.dataset_id} '
-        f'| [{w.hf_hub_id}](https://huggingface.co/{w.hf_hub_id}) | {w.size / 1e6:.2f} | `{w.sha256[:12]}` |\n'
+        f'| [`{w.name}`](https://huggingface.co/{w.hf_hub_id}) | {_fmt(w.top1)} | {_fmt(w.top5)} '
+        f'| {_fmt(w.metrics.get("top1_flip"))} | {_fmt(w.metrics.get("epochs"))} | {w.dataset_id} '
+        f'| {w.size / 1e6:.2f} | `{w.sha256[:12]}` |\n'
         for w in records) + tail
 
 
