@@ -397,6 +397,20 @@ def test_resnet9_recipe_prints_pages_settings(capsys):
         '--mixup-off-epoch 0', '--mixup-off-epoch 135', '--label-smoothing 0.2', '--label-smoothing 0.1'}
 
 
+def test_the_mix_recipe_prints_the_published_records_commands(capsys):
+    """``--recipe cifar10-r11-mix-e150`` is exactly what trained the three .cifar10_mix_e150 files."""
+    from aff_zoo.cli import main
+    from aff_zoo.models.weights import WEIGHTS
+    records = [w for w in WEIGHTS if w.tag == 'cifar10_mix_e150']
+    assert sorted(w.arch for w in records) == ['add_resnet11', 'aff_resnet11', 'iaff_resnet11']
+    for w in records:
+        where = {s.split(' ', 1)[0]: s.split(' ', 1)[1] for s in _segments(w.recipe)
+                 if s.split(' ', 1)[0] in ('--data', '--output', '--device', '--workers')}
+        assert main(['train', '--recipe', 'cifar10-r11-mix-e150', '--model', w.arch,
+                     *[x for kv in where.items() for x in kv], '--print-command']) == 0
+        assert _segments(capsys.readouterr().out.strip().split(': ', 1)[1]) == _segments(w.recipe), w.name
+
+
 def test_nonfinite_report_names_the_tensor_or_the_largest_running_variance():
     from aff_zoo.training.train import nonfinite_report
     model = _model()
