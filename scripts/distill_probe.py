@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+from timm.data.mixup import mixup_target
 from timm.loss import SoftTargetCrossEntropy
 from tqdm import tqdm
 
@@ -138,7 +139,7 @@ def main(argv=None) -> int:
         print(f'teacher targets: {time.perf_counter() - t0:.0f} s, top-1 on the training images '
               f'{(targets.argmax(1) == labels).float().mean() * 100:.2f} %', flush=True)
     if targets is not None:
-        smooth = torch.nn.functional.one_hot(labels, 10).float() * 0.8 + 0.02
+        smooth = mixup_target(labels, 10, smoothing=0.2)  # timm's label-smoothed one-hot (lam=1: no mixing)
         targets = (1 - a.label_weight) * targets + a.label_weight * smooth
 
     model = published(a.student)

@@ -91,6 +91,11 @@ class Run:
                      else (self.epoch_times[-1] - self.started) / n)
         return self.epoch_times[-1] + per_epoch * (self.epochs_total() - self.base - n)
 
+    def late(self, now: float, deadline: float) -> bool:
+        """Projected past ``deadline``, judged on the pace after start-up only (4 epochs seen): the first epochs
+        of runs starting at once are slow (the 2026-11-28 lease lost a run 20 s in, to a pace with start-up)."""
+        return len(self.epoch_times) >= 4 and self.projected_end(now) > deadline
+
     def stop(self, why: str):
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
@@ -195,10 +200,8 @@ def _watch(runs, deadline: float, poll: float, stops: bool = True):
         # lowest-priority run that is projected to miss the deadline, or whenever a tier-0 run is projected to
         # miss it, the lowest-priority run of all.
         lower = sorted((r for r in live if r.tier > 0), key=lambda r: (-r.tier, r.epochs_done()))
-        # (judged on the pace after start-up only: the first epochs of many runs starting at once are slow)
-        hopeless = [r for r in lower if len(r.epoch_times) >= 4 and r.projected_end(now) > deadline]
-        # (a tier-0 run too: the 2026-11-28 lease lost its add run 20 s in, to a pace of 3 epochs with start-up)
-        late = [r for r in live if r.tier == 0 and len(r.epoch_times) >= 4 and r.projected_end(now) > deadline]
+        hopeless = [r for r in lower if r.late(now, deadline)]
+        late = [r for r in live if r.tier == 0 and r.late(now, deadline)]
         if stops and now - last_stop > 20 and (hopeless or (late and lower)):
             if hopeless:
                 victim, why = hopeless[0], f'projected to end {hopeless[0].projected_end(now) - _T0:.0f}s'

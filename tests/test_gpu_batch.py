@@ -103,21 +103,25 @@ def test_a_sent_copy_records_the_commit_it_was_sent_from(monkeypatch):
     assert utils.git_commit() == 'abc123'
 
 
+def _running(gb, spec: str, tier: int, root, ago: float, epoch_times):
+    """A run of ``spec`` started ``ago`` s back, with epochs seen at ``epoch_times`` s after its start; its
+    process sleeps until ``_watch`` stops it."""
+    r = gb.Run(spec, tier, str(root))
+    r.proc = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], start_new_session=True)
+    r.state, r.started = 'running', time.time() - ago
+    r.epoch_times = [r.started + t for t in epoch_times]
+    return r
+
+
 def test_without_stops_only_the_deadline_ends_runs(monkeypatch, tmp_path):
     """--no-stops: a lower-tier run projected past the deadline runs on (a second call on the warm machine
     resumes it); with stops it is ended as soon as its pace is known."""
     gb = _module()
     monkeypatch.setattr(gb, 'EPOCHS', 100)
 
-    def fake_runs():
-        runs = []
-        for spec, tier in (('cifar10-e12/add_resnet8:0', 0), ('cifar10-e12/aff_resnet8:1', 1)):
-            r = gb.Run(spec, tier, str(tmp_path))
-            r.proc = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], start_new_session=True)
-            r.state, r.started = 'running', time.time() - 100
-            r.epoch_times = [r.started + 10 * i for i in range(1, 5)]  # 10 s an epoch: 96 left, far too slow
-            runs.append(r)
-        return runs
+    def fake_runs():  # 10 s an epoch: 96 left, far too slow
+        return [_running(gb, spec, tier, tmp_path, 100, [10.0 * i for i in range(1, 5)])
+                for spec, tier in (('cifar10-e12/add_resnet8:0', 0), ('cifar10-e12/aff_resnet8:1', 1))]
     monkeypatch.setattr(gb.Run, 'epochs_done', lambda self: len(self.epoch_times))
     runs = fake_runs()
     gb._watch(runs, time.time() + 3, 0.2, stops=False)
@@ -135,14 +139,8 @@ def test_a_tier0_start_up_pace_stops_nothing(monkeypatch, tmp_path):
     monkeypatch.setattr(gb.Run, 'epochs_done', lambda self: len(self.epoch_times))
 
     def watch(top_epoch_times):
-        runs = []
-        for spec, tier in (('cifar10-e12/aff_resnet8:0', 0), ('cifar10-e12/add_resnet8:1', 1)):
-            r = gb.Run(spec, tier, str(tmp_path))
-            r.proc = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], start_new_session=True)
-            r.state, r.started = 'running', time.time() - 40
-            r.epoch_times = [r.started + 30 + i for i in range(1, 3)]  # the lower tier: 1 s an epoch, too early
-            runs.append(r)
-        runs[0].epoch_times = [runs[0].started + t for t in top_epoch_times]
+        runs = [_running(gb, 'cifar10-e12/aff_resnet8:0', 0, tmp_path, 40, top_epoch_times),
+                _running(gb, 'cifar10-e12/add_resnet8:1', 1, tmp_path, 40, [31.0, 32.0])]  # 1 s an epoch, too early
         gb._watch(runs, time.time() + 3, 0.2)  # ends at the deadline, or stops a run first
         return runs
 
