@@ -281,7 +281,7 @@ def test_the_cpu_queue_names_real_recipes_and_models(tmp_path, capsys):
     """scripts/cifar_queue.sh's runs pass the same check as a lease's, so a typo fails here, not hours later."""
     with open(os.path.join(ROOT, 'scripts', 'cifar_queue.sh')) as f:
         runs = re.search(r'RUNS=\$\{RUNS:-"(.*?)"\}', f.read(), re.S).group(1).split()
-    assert 'cifar10-r11-e96/aff_resnet11:0' in runs
+    assert {'cifar10-r11-e96/aff_resnet11:0', 'cifar10-r11-mix-e150/iaff_resnet11:2'} <= set(runs)  # the docs' runs
     assert _module().main(['--data', 'missing.tar.gz', '--results', str(tmp_path), '--deadline', '60',
                            '--tier', ','.join(runs), '--weights-tiers', '', '--check']) == 0
     assert f'{len(runs)} runs' in capsys.readouterr().out
