@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -461,3 +462,20 @@ def test_machine_line_tells_the_cpus_bfloat16_units(tmp_path, monkeypatch):
     assert machine_line('cpu').startswith('Intel(R) Xeon(R) Processor @ 2.50GHz (bfloat16: emulated), ')
     monkeypatch.setattr(U, 'cpuinfo', lambda: {})
     assert ' (bfloat16' not in machine_line('cpu')
+
+
+def test_every_recipes_printed_command_runs_the_same_config():
+    """A record's command line, run again, trains what the preset trained: each recipe's printed command parses
+    back to the same TrainConfig. (argparse's BooleanOptionalAction once read ``--no-wd-bn-bias`` as False.)"""
+    from aff_zoo.cli import build_parser
+    from aff_zoo.training.train import RECIPES, config_from_args
+
+    def parse(argv):
+        return config_from_args(build_parser('train').parse_args(['train', *argv]))
+    for name in RECIPES:
+        preset = parse(['--recipe', name, '--model', 'aff_resnet20', '--data', 'x', '--output', 'y'])
+        again = parse(shlex.split(preset.command)[2:])
+        assert again == preset, f'{name}: {preset.command}'
+    assert parse(['--model', 'm', '--data', 'x', '--output', 'y', '--no-wd-bn-bias']).no_wd_bn_bias is True
+    assert parse(['--model', 'm', '--data', 'x', '--output', 'y', '--no-no-wd-bn-bias']).no_wd_bn_bias is False
+    assert parse(['--model', 'm', '--data', 'x', '--output', 'y', '--no-amp']).amp is False

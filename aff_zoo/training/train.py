@@ -570,6 +570,14 @@ def init_distributed() -> bool:
 
 # ----------------------------------------------------------------------------------------- command line
 
+class _FlagAndNegation(argparse.BooleanOptionalAction):
+    """``--x`` sets True, ``--no-x`` False. argparse's own action sets False for any flag that starts with ``--no-``,
+    which made ``--no-wd-bn-bias`` (the field ``no_wd_bn_bias``) switch weight decay on norms back on."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, option_string == self.option_strings[0])
+
+
 class _Default:
     """An option's default, marked so that a ``--recipe`` can tell it from a value given on the command line."""
     __slots__ = ('value',)
@@ -689,7 +697,7 @@ def add_config_args(p: argparse.ArgumentParser):
             continue
         flag = '--' + f.name.replace('_', '-')
         if f.type in (bool, 'bool'):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=_Default(f.default),
+            p.add_argument(flag, action=_FlagAndNegation, default=_Default(f.default),
                            help=helps.get(f.name))
         else:
             typ = {'int': int, 'float': float, 'str': str}.get(f.type, f.type) if isinstance(f.type, str) else f.type
