@@ -396,6 +396,14 @@ def test_resnet9_recipe_prints_pages_settings(capsys):
     assert _segments(capsys.readouterr().out.strip().split(': ', 1)[1]) ^ printed == {
         '--epochs 24', '--epochs 150', '--cutout 8', '--cutout 12', '--mixup-alpha 0.0', '--mixup-alpha 1.0',
         '--mixup-off-epoch 0', '--mixup-off-epoch 135', '--label-smoothing 0.2', '--label-smoothing 0.1'}
+    # and that recipe without weight decay on norm scales and biases (the authors' --no-wd): nothing else differs
+    assert main(['train', '--recipe', 'cifar10-r11-mix-e150', '--model', 'aff_resnet9', '--data', 'x',
+                 '--output', 'y', '--print-command']) == 0
+    mix = _segments(capsys.readouterr().out.strip().split(': ', 1)[1])
+    assert main(['train', '--recipe', 'cifar10-r11-mix-e150-nwd', '--model', 'aff_resnet9', '--data', 'x',
+                 '--output', 'y', '--print-command']) == 0
+    assert _segments(capsys.readouterr().out.strip().split(': ', 1)[1]) ^ mix == {
+        '--no-no-wd-bn-bias', '--no-wd-bn-bias'}
 
 
 def test_the_mix_recipe_prints_the_published_records_commands(capsys):
