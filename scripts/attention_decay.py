@@ -7,7 +7,7 @@ published epoch) and compares every scale of every fusion's MS-CAM with the resu
 net gradient in the whole run: that unit was dead from the start. Where the recipe keeps decay off norms, such a
 scale stays at 1, and one within 1 % of it counts.
 
-    python scripts/attention_decay.py --doc docs/cifar10-weights.md  # its table (default: the docs' three files)
+    python scripts/attention_decay.py --doc docs/cifar10-weights.md  # its tables (default: the docs' five files)
     python scripts/attention_decay.py iaff_resnet9.cifar10_e96         # any published file, printed
 """
 import argparse
@@ -76,7 +76,8 @@ def attention_rows(name: str) -> tuple:
     return floor, rows
 
 
-DOC_NAMES = ('iaff_resnet11.cifar10_mix_e150', 'aff_resnet11.cifar10_mix_e150', 'aff_resnet11.cifar10_e96')
+DOC_NAMES = ('iaff_resnet11.cifar10_mix_e150', 'aff_resnet11.cifar10_mix_e150', 'aff_resnet11.cifar10_e96',
+             'iaff_resnet9.cifar10_e96', 'aff_resnet9.cifar10_e96')  # the ResNet-9s: trained from a random attention
 
 
 def render(names) -> str:
@@ -97,7 +98,7 @@ def render(names) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     ap.add_argument('names', nargs='*', default=list(DOC_NAMES), help='published weight names (default: the docs\' '
-                    'three, ' + ', '.join(DOC_NAMES) + ')')
+                    'five, ' + ', '.join(DOC_NAMES) + ')')
     ap.add_argument('--doc', help='write the tables into this markdown file, between the --section markers')
     ap.add_argument('--section', default='attention-decay-table', help='the marker name (<!-- NAME:start -->)')
     args = ap.parse_args(argv)

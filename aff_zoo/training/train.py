@@ -636,8 +636,8 @@ RECIPES: Dict[str, Dict[str, Any]] = {
     # holds for three ResNet-11s (theirs: 400-640); the 96-epoch runs fit 99 % of the augmented training images.
     'cifar10-r11-mix-e150': _R11_MIX,
     # The same without weight decay on norm scales and biases, as the authors' CIFAR command (--no-wd). With decay,
-    # attention units that start without a gradient (behind zero-initialised last layers) shrink to nothing before
-    # they learn: over half of each global branch, all of iaff_resnet11's middle inner attention
+    # attention units with a weak early gradient shrink to nothing before they learn: over half of each global
+    # branch, all of iaff_resnet11's middle inner attention
     # (scripts/attention_decay.py).
     'cifar10-r11-mix-e150-nwd': dict(_R11_MIX, no_wd_bn_bias=True),
     # The authors' CIFAR-10 network (AFF-ResNet-32 at 4x width, 7.9 M parameters) in a short GPU schedule, since
