@@ -120,6 +120,9 @@ _MIX_NOTE = ("150 epochs of the cifar10-r11-mix-e150 recipe (the recipe of aff_r
              '(aff-zoo evaluate, CPU, float32), the best of the 150 epochs on the validation split (the last 500 '
              'images per class of the JPEG CIFAR-10 training set), which also picked the epoch. One seed each: AFF '
              '93.00, iAFF 92.70, addition 92.34.')
+_DEAD_UNITS = (' This recipe puts weight decay on norm scales: more than half of the global-branch units of every '
+               'attention never trained and sit where decay alone leaves them (scripts/attention_decay.py, '
+               'docs/cifar10-weights.md).')
 _CIFAR10_VAL = {  # what every CIFAR-10 record shares: the split and the archive
     'split': 'last 500 images per class (sorted by name)',
     'train_images': 45000,
@@ -261,7 +264,7 @@ WEIGHTS: Tuple[Weights, ...] = (
             '/tmp/gpuruns/cifar10-r9-e96-cutout12/aff_resnet9-s0 --seed 0 --train-subset 0 --val-per-class 500 '
             '--warmup-epochs 5.0 --weight-decay 0.0005 --workers 8',
         label_names=CIFAR10_CLASSES,
-        notes=_E96_NOTE,
+        notes=_E96_NOTE + _DEAD_UNITS,
     ),
     Weights(
         arch='iaff_resnet9',
@@ -286,7 +289,7 @@ WEIGHTS: Tuple[Weights, ...] = (
             '/tmp/gpuruns/cifar10-r9-e96-cutout12/iaff_resnet9-s0 --seed 0 --train-subset 0 --val-per-class 500 '
             '--warmup-epochs 5.0 --weight-decay 0.0005 --workers 8',
         label_names=CIFAR10_CLASSES,
-        notes=_E96_NOTE,
+        notes=_E96_NOTE + _DEAD_UNITS,
     ),
     Weights(
         arch='add_resnet9',
@@ -330,7 +333,7 @@ WEIGHTS: Tuple[Weights, ...] = (
         },
         recipe=_mix_recipe('aff_resnet11'),
         label_names=CIFAR10_CLASSES,
-        notes=_MIX_NOTE,
+        notes=_MIX_NOTE + _DEAD_UNITS,
     ),
     Weights(
         arch='iaff_resnet11',
@@ -349,7 +352,7 @@ WEIGHTS: Tuple[Weights, ...] = (
         },
         recipe=_mix_recipe('iaff_resnet11'),
         label_names=CIFAR10_CLASSES,
-        notes=_MIX_NOTE,
+        notes=_MIX_NOTE + _DEAD_UNITS + ' Nor did any unit of the middle stage\'s inner attention.',
     ),
     Weights(
         arch='add_resnet11',
@@ -400,7 +403,7 @@ WEIGHTS: Tuple[Weights, ...] = (
             '0.9 --nesterov --no-no-wd-bn-bias --opt sgd --output runs/cifar10-r11-e96/aff_resnet11-s0 --seed 0 '
             '--train-subset 0 --val-per-class 500 --warmup-epochs 5.0 --weight-decay 0.0005 --workers 2',
         label_names=CIFAR10_CLASSES,
-        notes=_R11_NOTE,
+        notes=_R11_NOTE + _DEAD_UNITS,
     ),
 )
 
