@@ -24,8 +24,8 @@ COMPILE=${COMPILE:-cifar10-e12}
 EXTRA=${EXTRA:-}
 # The thin-network ablation on CPU (ResNet-20, 12 epochs: seeds 0-2 of add/AFF/iAFF, then SE/SK/local; done),
 # aff_resnet11 at 96 epochs (done, 92.22 %; its iAFF and add companions were dropped), then iaff_resnet11 seed 2 on
-# the mixup recipe, the CPU road to a 93 % iAFF (docs/cifar10-weights.md): about 25 h with WORKERS=1 THREADS=2 on an
-# AMD EPYC. A GPU lease (scripts/gpu_batch.py) trains such a run in minutes.
+# the mixup recipe, the CPU road to a 93 % iAFF (docs/cifar10-weights.md): about 19 h with WORKERS=1 THREADS=2 on an
+# AMD EPYC (450 s an epoch). A GPU lease (scripts/gpu_batch.py) trains such a run in minutes.
 RUNS=${RUNS:-"cifar10-e12/add_resnet20:0 cifar10-e12/aff_resnet20:0 cifar10-e12/iaff_resnet20:0
   cifar10-e12/add_resnet20:1 cifar10-e12/aff_resnet20:1 cifar10-e12/iaff_resnet20:1
   cifar10-e12/add_resnet20:2 cifar10-e12/aff_resnet20:2 cifar10-e12/iaff_resnet20:2

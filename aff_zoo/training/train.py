@@ -637,8 +637,7 @@ RECIPES: Dict[str, Dict[str, Any]] = {
     'cifar10-r11-mix-e150': _R11_MIX,
     # The same without weight decay on norm scales and biases, as the authors' CIFAR command (--no-wd). With decay,
     # attention units with a weak early gradient shrink to nothing before they learn: over half of each global
-    # branch, all of iaff_resnet11's middle inner attention
-    # (scripts/attention_decay.py).
+    # branch, all of iaff_resnet11's middle inner attention (scripts/attention_decay.py).
     'cifar10-r11-mix-e150-nwd': dict(_R11_MIX, no_wd_bn_bias=True),
     # The authors' CIFAR-10 network (AFF-ResNet-32 at 4x width, 7.9 M parameters) in a short GPU schedule, since
     # the ResNet-9 stays at 91.5-92 % from 48 to 96 epochs: batch 512 at lr 0.4 (0.1 per 128), 2 warm-up epochs,
