@@ -38,11 +38,19 @@ def probe(spec: str, images: torch.Tensor, labels: torch.Tensor, steps: int, bat
             loss = loss_fn(model(x), y)
         opt.zero_grad()
         loss.backward()
+        inner = _grad_norm(model, '.att1.')  # iAFF's inner attention against its outer one, before clipping
+        inner = inner / _grad_norm(model, '.att2.') if inner is not None else None
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
     running_var = max(float(b.max()) for k, b in model.named_buffers() if k.endswith('running_var'))
     return dict(model=spec, stem=float(model.stem.conv.weight.detach().norm()), running_var=running_var,
-                loss=float(loss.detach()), seconds=time.time() - t0)
+                loss=float(loss.detach()), inner=inner, seconds=time.time() - t0)
+
+
+def _grad_norm(model: torch.nn.Module, part: str):
+    """The gradient norm over the parameters whose names contain ``part`` (None if there are none)."""
+    grads = [p.grad.float() for n, p in model.named_parameters() if part in n and p.grad is not None]
+    return float(torch.stack([g.norm() for g in grads]).norm()) if grads else None
 
 
 def main():
@@ -62,11 +70,13 @@ def main():
     labels = torch.from_numpy(np.asarray(data.labels)[idx.numpy()]).long()
     print(f'{args.steps} steps of {args.batch_size} images, lr rising to {args.lr}; stem weight norm at the start: '
           f'{float(first.stem.conv.weight.detach().norm()):.3g}')
-    print('| model | stem weight norm | largest BN running variance | loss | seconds |\n|---|---|---|---|---|')
+    print('| model | stem weight norm | largest BN running variance | loss | iAFF: inner / outer attention gradient '
+          '(last step) | seconds |\n|---|---|---|---|---|---|')
     for spec in args.models:
         r = probe(spec, images, labels, args.steps, args.batch_size, args.lr)
-        print(f'| `{r["model"]}` | {r["stem"]:.3g} | {r["running_var"]:.3g} | {r["loss"]:.3f} | {r["seconds"]:.0f} |',
-              flush=True)
+        inner = '-' if r['inner'] is None else f'{r["inner"]:.2g}'
+        print(f'| `{r["model"]}` | {r["stem"]:.3g} | {r["running_var"]:.3g} | {r["loss"]:.3f} | {inner} | '
+              f'{r["seconds"]:.0f} |', flush=True)
 
 
 if __name__ == '__main__':
