@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 import aff_zoo  # noqa: F401  (registers the models)
 from aff_zoo.cli import build_parser
 from aff_zoo.models.weights import WEIGHTS
-from aff_zoo.training.train import TrainConfig, config_from_args, create_scheduler
+from aff_zoo.training.train import TrainConfig, config_from_args, create_optimizer, create_scheduler
 from aff_zoo.utils import atomic_write_text, replace_section
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,18 +37,16 @@ def recipe_config(recipe: str) -> TrainConfig:
 
 
 def decay_only(cfg: TrainConfig, updates_per_epoch: int, epochs: int) -> float:
-    """What the run's SGD and lr schedule leave of a scale that starts at 1 and gets a zero gradient."""
-    if cfg.opt != 'sgd':
-        raise ValueError(f'only SGD recipes are replayed here, not {cfg.opt!r}')
-    p = torch.nn.Parameter(torch.ones((), dtype=torch.float64))
-    opt = torch.optim.SGD([p], lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                          weight_decay=0.0 if cfg.no_wd_bn_bias else cfg.weight_decay)
+    """What the run's optimizer and lr schedule leave of a norm scale that starts at 1 and gets a zero gradient."""
+    norm = torch.nn.GroupNorm(1, 1).double()  # one norm scale (and bias), in the run's own weight-decay group
+    opt = create_optimizer(norm, cfg)
     sched = create_scheduler(opt, cfg, updates_per_epoch)
     for u in range(epochs * updates_per_epoch):
         sched.step_update(u + 1)  # as train.py's loop: before update u
-        p.grad = torch.zeros_like(p)
+        for p in norm.parameters():
+            p.grad = torch.zeros_like(p)
         opt.step()
-    return float(p.detach())
+    return float(norm.weight.detach())
 
 
 def attention_rows(name: str) -> tuple:

@@ -49,8 +49,8 @@ def probe(spec: str, images: torch.Tensor, labels: torch.Tensor, steps: int, bat
 
 def _grad_norm(model: torch.nn.Module, part: str):
     """The gradient norm over the parameters whose names contain ``part`` (None if there are none)."""
-    grads = [p.grad.float() for n, p in model.named_parameters() if part in n and p.grad is not None]
-    return float(torch.stack([g.norm() for g in grads]).norm()) if grads else None
+    grads = [p.grad for n, p in model.named_parameters() if part in n and p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else None
 
 
 def main():
